@@ -1,0 +1,6 @@
+"""dspt_jax: Double-Softmax Prompt Tuning (DSPT) of a frozen CLIP under label noise, in JAX/Flax."""
+
+from dspt_jax.models.loading import CLIP, load_clip
+from dspt_jax.tokenizer import tokenize
+
+__version__ = "0.1.0"

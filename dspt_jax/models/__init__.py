@@ -1,0 +1,4 @@
+"""CLIP model, prompt learner and checkpoint loading (no TensorFlow)."""
+
+from dspt_jax.models.clip import CLIPConfig, CLIPModule, TextConfig, VisionConfig, clip_logits, l2_normalize
+from dspt_jax.models.loading import CLIP, CheckpointNotFoundError, init_clip, load_clip, save_clip
