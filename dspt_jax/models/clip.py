@@ -323,3 +323,16 @@ def clip_logits(image_features: Array, text_features: Array, log_scale: Array) -
   """exp(log_scale) * cos(image, text): [B, N] and its transpose."""
   logits = jnp.exp(log_scale) * l2_normalize(image_features) @ l2_normalize(text_features).T
   return logits, logits.T
+
+
+# Architectures by name, for `load_clip("random:<name>")`: random weights with real shapes (speed and memory
+# figures, smoke runs). vit_b16 / vit_b32 are OpenAI's ViT-B/16 and ViT-B/32.
+PRESETS = {
+    "vit_b16": CLIPConfig(),
+    "vit_b32": CLIPConfig(vision=VisionConfig(patch_size=32)),
+    "tiny": CLIPConfig(
+        text=TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=8),
+        projection_dim=32),
+}

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dspt_jax.models.clip import CLIPConfig, CLIPModule
+from dspt_jax.models.clip import PRESETS, CLIPConfig, CLIPModule
 
 WEIGHT_FILES = ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin")
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -273,10 +273,18 @@ def load_clip(source: str, *, dtype=jnp.float32, revision: str | None = None,
   """Loads a CLIP from a local directory or a Hugging Face hub id ("openai/clip-vit-base-patch16").
 
   Args:
-    source: a directory with `config.json` and weights, or a hub id.
+    source: a directory with `config.json` and weights, a hub id, or "random:<preset>" (random weights
+      with the shapes of `dspt_jax.models.clip.PRESETS[preset]`: "vit_b16", "vit_b32", "tiny").
     dtype: compute dtype of the towers (parameters stay float32).
     revision, cache_dir: passed to the hub client.
   """
+  if source.startswith("random:"):
+    preset = source.split(":", 1)[1]
+    if preset not in PRESETS:
+      raise ValueError(f"Unknown preset {preset!r} in {source!r}; known: {sorted(PRESETS)}")
+    clip = init_clip(PRESETS[preset], rng=0, dtype=dtype)
+    clip.source = source
+    return clip
   if os.path.isdir(source):
     return load_clip_from_directory(source, dtype)
   if source.startswith((".", "/", "~")) or source.count("/") != 1:
