@@ -1,0 +1,43 @@
+"""Data layer: dataset registry, few-shot sampling, label noise and the tf.data input pipeline.
+
+TensorFlow is imported only when the pipeline is used, so ``from dspt_jax.data import noise`` (or
+``fewshot``, ``datasets``, ``config``) works without it. Modules:
+
+* ``datasets``: registry of datasets with CoOp's class names and templates (no TensorFlow).
+* ``config``: ``default_data_config()``, the fields of ``config.data``.
+* ``noise``, ``fewshot``: label-noise families and few-shot sampling (numpy).
+* ``pipeline``: ``load_task``, ``train_batches``, ``eval_batches`` (tf.data).
+* ``sources``, ``builders``, ``prepare``: reading tfds / folders / CSVs / split files; local tfds
+  builders and their preparation command.
+"""
+
+import importlib
+import os
+
+# TensorFlow's C++ INFO lines (oneDNN notices) are noise for a JAX program; warnings and errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+_LAZY = {
+    "load_task": "pipeline",
+    "train_batches": "pipeline",
+    "eval_batches": "pipeline",
+    "steps_per_epoch": "pipeline",
+    "num_eval_batches": "pipeline",
+    "Task": "pipeline",
+    "default_data_config": "config",
+    "DATASETS": "datasets",
+    "DatasetInfo": "datasets",
+    "get_dataset_info": "datasets",
+    "register_dataset": "datasets",
+    "register_array_dataset": "datasets",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

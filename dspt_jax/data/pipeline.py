@@ -1,0 +1,523 @@
+"""tf.data input pipeline: a few-shot (noisy) training set and padded evaluation batches.
+
+``load_task(cfg, workdir)`` reads the label tables of the dataset named by the config, draws the
+training set with ``fewshot.select_train`` on the split's global label table (never on a host's
+shard, so every host draws the same set) and writes the noise record into the workdir.
+``train_batches`` / ``eval_batches`` yield numpy dicts, each host its slice of every global batch:
+
+  image        float32 [b, S, S, 3], CLIP-normalized
+  label        int32 [b]   training label (noisy for the training set), the dataset's label otherwise
+  clean_label  int32 [b]   true label, -1 where unknown
+  id           int64 [b]   stable example id (-1 on padding rows)
+  mask         bool  [b]   False on padding rows (evaluation only pads)
+  flipped      bool  [b]   train only: label != clean_label
+
+Preprocessing follows CLIP / CoOp: evaluation resizes the shorter side to S (bicubic) and takes the
+center crop; training takes a random resized crop (scale (0.08, 1), ratio (3/4, 4/3)) and a
+horizontal flip, or the evaluation transform when augmentation is off.
+
+Determinism: epoch e of training visits the examples in the permutation drawn from (seed, e);
+the augmentation of a row depends only on (seed, global row number), so the global batch of a
+step is the same whatever the number of hosts, and ``start_step`` resumes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Any, Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from dspt_jax.data import config as config_lib
+from dspt_jax.data import fewshot, noise, sources
+
+# The accelerator belongs to JAX: TensorFlow here runs on the CPU only.
+try:
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TensorFlow already started elsewhere in this process
+    logging.getLogger(__name__).warning("could not hide the GPUs from TensorFlow (already initialized)")
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_SHUFFLE_STREAM = 0x5348_5546  # keeps the epoch permutations apart from other uses of the seed
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing (tf, one image at a time)
+# ---------------------------------------------------------------------------------------------
+
+
+def _resize(image: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    # Antialiased bicubic is what PIL's bicubic resize (CLIP's transform) does when shrinking.
+    out = tf.image.resize(
+        tf.cast(image, tf.float32), tf.stack([height, width]), method="bicubic", antialias=True
+    )
+    # PIL hands back uint8: clip the bicubic overshoot and round.
+    return tf.round(tf.clip_by_value(out, 0.0, 255.0))
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+    """Pixel values in [0, 255] -> (x / 255 - CLIP mean) / CLIP std, float32."""
+    image = tf.cast(image, tf.float32) / 255.0
+    return (image - tf.constant(CLIP_MEAN)) / tf.constant(CLIP_STD)
+
+
+def resize_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+    """CLIP's test transform without the normalization: float32 [size, size, 3] in [0, 255].
+
+    The shorter side becomes ``size`` (the longer one ``int(size * long / short)``, as torchvision)
+    and the center crop uses torchvision's offset ``round((H - size) / 2)`` (round half to even).
+    """
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    short, long = tf.minimum(h, w), tf.maximum(h, w)
+    new_long = (size * long) // short
+    nh = tf.where(h <= w, size, new_long)
+    nw = tf.where(h <= w, new_long, size)
+    resized = _resize(image, nh, nw)
+    top = tf.cast(tf.round(tf.cast(nh - size, tf.float32) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(nw - size, tf.float32) / 2.0), tf.int32)
+    out = resized[top : top + size, left : left + size, :]
+    out.set_shape([size, size, 3])
+    return out
+
+
+def random_resized_crop(
+    image: tf.Tensor,
+    size: int,
+    seed: tf.Tensor,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = CROP_RATIO,
+    flip: bool = True,
+) -> tf.Tensor:
+    """torchvision's RandomResizedCrop (+ horizontal flip), stateless: float32 [size, size, 3].
+
+    Ten tries of an area fraction in ``scale`` and a log-uniform aspect ratio; the first box that fits
+    is taken at a uniform position, else the central crop with the ratio clamped. ``seed``: int [2].
+    """
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=5)
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    area = h * w
+    target = area * tf.random.stateless_uniform([10], seeds[0], scale[0], scale[1])
+    log_r = tf.random.stateless_uniform([10], seeds[1], math.log(ratio[0]), math.log(ratio[1]))
+    aspect = tf.exp(log_r)
+    cw = tf.round(tf.sqrt(target * aspect))
+    ch = tf.round(tf.sqrt(target / aspect))
+    fits = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
+    u_i = tf.random.stateless_uniform([10], seeds[2])
+    u_j = tf.random.stateless_uniform([10], seeds[3])
+    ti = tf.floor(u_i * (h - ch + 1.0))
+    tj = tf.floor(u_j * (w - cw + 1.0))
+    first = tf.argmax(tf.cast(fits, tf.int32))
+    # Fallback: the central crop with the aspect ratio clamped to ``ratio``.
+    in_ratio = w / h
+    fw = tf.where(in_ratio < ratio[0], w, tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w))
+    fh = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
+    fi, fj = tf.floor((h - fh) / 2.0), tf.floor((w - fw) / 2.0)
+    ok = tf.reduce_any(fits)
+    box = [tf.cast(tf.where(ok, a[first], b), tf.int32)
+           for a, b in ((ti, fi), (tj, fj), (ch, fh), (cw, fw))]
+    crop = image[box[0] : box[0] + box[2], box[1] : box[1] + box[3], :]
+    out = _resize(crop, size, size)
+    if flip:
+        out = tf.cond(
+            tf.random.stateless_uniform([], seeds[4]) < 0.5,
+            lambda: tf.reverse(out, axis=[1]),
+            lambda: out,
+        )
+    out.set_shape([size, size, 3])
+    return out
+
+
+def eval_image(image: tf.Tensor, size: int) -> tf.Tensor:
+    """uint8 [H, W, 3] -> CLIP test input float32 [size, size, 3]."""
+    return normalize(resize_center_crop(image, size))
+
+
+def train_image(image: tf.Tensor, size: int, seed: tf.Tensor, scale=(0.08, 1.0)) -> tf.Tensor:
+    """uint8 [H, W, 3] -> CoOp train input (random resized crop + flip), float32 [size, size, 3]."""
+    return normalize(random_resized_crop(image, size, seed, tuple(scale)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Task
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Task:
+    """A dataset with its drawn training set, ready for ``train_batches`` / ``eval_batches``.
+
+    Attributes:
+      name, dataset_id: registry name; the id that names the noise record (adds the split file,
+        the CIFAR-N column, ...).
+      classnames, template, num_classes: CoOp's prompt-ready names and prompt template.
+      selection: ``fewshot.TrainSelection`` over ``train_pool`` (indices into its label table).
+      train: the selected examples (labels = training labels, clean = true labels or -1).
+      val, test: evaluation examples (val: min(shots, 4) per class).
+      train_pool: every training example the selection was drawn from.
+      record, record_path: the noise record (and where it was written, if a workdir was given).
+      image_size, augment, crop_scale: preprocessing defaults from the config.
+    """
+
+    name: str
+    dataset_id: str
+    classnames: tuple[str, ...]
+    template: str
+    num_classes: int
+    real_noise: bool
+    selection: fewshot.TrainSelection
+    train: sources.Examples
+    val: sources.Examples
+    test: sources.Examples
+    train_pool: sources.Examples
+    record: dict
+    record_path: str | None
+    image_size: int
+    augment: bool
+    crop_scale: tuple[float, float]
+    _payloads: list | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train)
+
+    @property
+    def val_size(self) -> int:
+        return len(self.val)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.test)
+
+    @property
+    def flipped(self) -> np.ndarray:
+        return self.selection.flipped
+
+    def examples(self, split: str) -> sources.Examples:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {split!r}; valid: 'train', 'val', 'test'")
+        return getattr(self, split)
+
+    def prompts(self) -> list[str]:
+        return [self.template.format(c) for c in self.classnames]
+
+    def train_payloads(self) -> list:
+        """What the training images are read from (paths, encoded bytes or pixels), cached."""
+        if self._payloads is None:
+            self._payloads = self.train.pool.payloads(self.train.ids)
+        return self._payloads
+
+
+def _merge(base: ml_collections.ConfigDict, update: Any, where: str = "data") -> None:
+    for key, value in update.items():
+        if key not in base:
+            raise ValueError(f"unknown config field {where}.{key}; valid: {sorted(base.keys())}")
+        if isinstance(base[key], ml_collections.ConfigDict):
+            _merge(base[key], value, f"{where}.{key}")
+        else:
+            base[key] = value
+
+
+def data_config(cfg: Any = None) -> ml_collections.ConfigDict:
+    """``default_data_config()`` updated with ``cfg`` (a ConfigDict or dict); unknown fields fail."""
+    out = config_lib.default_data_config()
+    if cfg is not None:
+        _merge(out, cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+    if isinstance(out.shots, bool) or not isinstance(out.shots, int) or not (out.shots >= 1 or out.shots == -1):
+        raise ValueError(f"data.shots must be an integer >= 1 or -1 (all), got {out.shots!r}")
+    if not isinstance(out.image_size, int) or out.image_size < 1:
+        raise ValueError(f"data.image_size must be a positive integer, got {out.image_size!r}")
+    lo, hi = (float(x) for x in out.crop_scale)
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {tuple(out.crop_scale)}")
+    return out
+
+
+def _noise_spec(cfg: ml_collections.ConfigDict) -> noise.NoiseSpec:
+    n = cfg.noise
+    return noise.NoiseSpec(kind=n.kind, rate=n.rate, num_flips=n.num_flips, transition=n.transition)
+
+
+def _select(src: sources.SourceData, cfg, spec: noise.NoiseSpec) -> fewshot.TrainSelection:
+    """``fewshot.select_train`` on the full training label table (every host draws the same)."""
+    pool = src.train
+    k = len(src.classnames)
+    if spec.kind == "real":
+        if not src.real_noise:
+            raise ValueError(
+                f"noise.kind='real' trains on a dataset's own noisy labels, and {src.name!r} has none; "
+                "datasets with real noise: cifar10n, cifar100n, food101n, csv"
+            )
+        return fewshot.select_train(pool.clean, k, cfg.shots, spec, cfg.seed, noisy_labels=pool.labels)
+    if src.real_noise:
+        if np.any(pool.clean < 0):
+            raise ValueError(
+                f"{src.name!r} ships noisy labels whose truth is not known for every training "
+                f"example, so noise.kind={spec.kind!r} (which starts from clean labels) cannot be used; "
+                "set noise.kind='real' to train on its own labels"
+            )
+        log.warning("%s has its own noisy labels; noise.kind=%r starts from its clean labels "
+                    "(noise.kind='real' trains on the noisy ones)", src.name, spec.kind)
+        return fewshot.select_train(pool.clean, k, cfg.shots, spec, cfg.seed)
+    return fewshot.select_train(pool.labels, k, cfg.shots, spec, cfg.seed)
+
+
+def _write_record(record: dict, workdir: str, process_index: int) -> str:
+    path = os.path.join(workdir, "noise", record["name"] + ".json")
+    if os.path.exists(path):
+        # A resumed run must train on the very same labels: recompute and compare, never reuse.
+        if not noise.records_equal(noise.load_record(path), record):
+            raise ValueError(
+                f"{path} holds other training labels than this run draws for the same setting "
+                "(the data or the code changed); move it away to start afresh"
+            )
+    elif process_index == 0:
+        noise.save_record(path, record)
+    return path
+
+
+def load_task(cfg: Any = None, workdir: str | None = None, *, process_index: int = 0) -> Task:
+    """Reads the dataset of ``cfg`` (the data config), draws the training set, records its labels.
+
+    Args:
+      cfg: ``config.data`` (fields of ``default_data_config``; missing ones take the defaults).
+      workdir: where ``noise/<record_name>.json`` goes (written by process 0; if it exists, the
+        freshly drawn labels must equal it).
+      process_index: this host's index (only process 0 writes).
+    """
+    cfg = data_config(cfg)
+    spec = _noise_spec(cfg)
+    src = sources.load_source(cfg)
+    sel = _select(src, cfg, spec)
+    pool = src.train
+    train = pool.subset(sel.indices, labels=sel.noisy, clean=sel.clean)
+
+    if src.val is not None:
+        val = src.val.subset(fewshot.sample_validation(src.val.labels, cfg.shots, cfg.seed))
+    else:
+        # No validation split: draw it from the training split, disjoint from the training set.
+        picked = fewshot.sample_validation(pool.labels, cfg.shots, cfg.seed, exclude=sel.indices)
+        val = pool.subset(picked)
+
+    record = noise.make_record(
+        src.dataset_id, "train", cfg.shots, spec, cfg.seed, num_classes=len(src.classnames),
+        ids=train.ids, clean=sel.clean, noisy=sel.noisy, flipped=sel.flipped,
+    )
+    path = _write_record(record, workdir, process_index) if workdir else None
+    return Task(
+        name=src.name, dataset_id=src.dataset_id, classnames=tuple(src.classnames),
+        template=src.template, num_classes=len(src.classnames), real_noise=src.real_noise,
+        selection=sel, train=train, val=val, test=src.test, train_pool=pool, record=record,
+        record_path=path, image_size=cfg.image_size, augment=bool(cfg.augment),
+        crop_scale=tuple(float(x) for x in cfg.crop_scale),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_hosts(global_batch_size: int, process_index: int, process_count: int) -> int:
+    if not isinstance(global_batch_size, (int, np.integer)) or global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be a positive integer, got {global_batch_size!r}")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}"
+        )
+    return global_batch_size // process_count
+
+
+def steps_per_epoch(task: Task, global_batch_size: int) -> int:
+    """Full global batches per pass over the training set (the last partial batch is dropped)."""
+    return task.train_size // global_batch_size
+
+
+def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
+    """The order of the training examples in ``epoch`` (a function of (seed, epoch) only)."""
+    return np.random.default_rng([int(seed), int(epoch), _SHUFFLE_STREAM]).permutation(size)
+
+
+def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
+    opts = tf.data.Options()
+    opts.deterministic = True
+    return ds.with_options(opts)
+
+
+def train_batches(
+    task: Task,
+    *,
+    global_batch_size: int,
+    seed: int,
+    augment: bool | None = None,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    image_size: int | None = None,
+) -> Iterator[dict]:
+    """Endless training batches from step ``start_step`` on; this host's rows of each global batch.
+
+    Global batch ``s`` holds rows ``(s % E) * B ... + B`` of ``epoch_permutation(seed, s // E)``
+    (E = ``steps_per_epoch``, the remainder of each epoch is dropped); host p yields its rows
+    ``p * B/P ... (p + 1) * B/P``. ``augment`` None takes the config's setting.
+    """
+    local = _check_hosts(global_batch_size, process_index, process_count)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if not isinstance(start_step, (int, np.integer)) or start_step < 0:
+        raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
+    m = task.train_size
+    if m < global_batch_size:
+        raise ValueError(
+            f"the training set has {m} examples, fewer than global_batch_size={global_batch_size}"
+        )
+    per_epoch = m // global_batch_size
+    augment = task.augment if augment is None else bool(augment)
+    size = image_size or task.image_size
+    scale = task.crop_scale
+    payloads = task.train_payloads()
+    ex = task.train
+    labels, clean, ids, flipped = ex.labels, ex.clean, ex.ids, task.flipped
+    first_row = process_index * local
+
+    def rows():
+        step, epoch, perm = int(start_step), -1, None
+        while True:
+            e, j = divmod(step, per_epoch)
+            if e != epoch:
+                epoch, perm = e, epoch_permutation(seed, e, m)
+            for r, k in enumerate(perm[j * global_batch_size :][first_row : first_row + local]):
+                row = step * global_batch_size + first_row + r  # global row: seeds its augmentation
+                yield row, payloads[k], labels[k], clean[k], ids[k], flipped[k]
+            step += 1
+
+    signature = (
+        tf.TensorSpec([], tf.int64),
+        ex.pool.payload_spec,
+        tf.TensorSpec([], tf.int64),
+        tf.TensorSpec([], tf.int64),
+        tf.TensorSpec([], tf.int64),
+        tf.TensorSpec([], tf.bool),
+    )
+    to_image = ex.pool.to_image
+
+    def prepare(row, payload, label, clean_label, example_id, flip):
+        image = to_image(payload)
+        if augment:
+            image = train_image(image, size, tf.stack([tf.constant(int(seed), tf.int64), row]), scale)
+        else:
+            image = eval_image(image, size)
+        return {
+            "image": image,
+            "label": tf.cast(label, tf.int32),
+            "clean_label": tf.cast(clean_label, tf.int32),
+            "id": example_id,
+            "mask": tf.constant(True),
+            "flipped": flip,
+        }
+
+    ds = tf.data.Dataset.from_generator(rows, output_signature=signature)
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = _options(ds.batch(local, drop_remainder=True).prefetch(2))
+    return _numpy_batches(ds)
+
+
+def _numpy_batches(ds: tf.data.Dataset, expected: int | None = None, what: str = "") -> Iterator[dict]:
+    # A generator of its own, so that the checks above run when the caller asks for the iterator.
+    count = 0
+    for batch in ds.as_numpy_iterator():
+        count += 1
+        yield batch
+    if expected is not None and count != expected:
+        raise RuntimeError(f"{what}: yielded {count} batches, expected {expected}; the data changed on disk?")
+
+
+def num_eval_batches(task: Task, split: str, global_batch_size: int, process_count: int = 1) -> int:
+    """Batches every host yields for ``split`` (the same on all hosts)."""
+    local = _check_hosts(global_batch_size, 0, process_count)
+    n = len(task.examples(split))
+    return -(-(-(-n // process_count)) // local)
+
+
+def eval_batches(
+    task: Task,
+    split: str = "test",
+    *,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    image_size: int | None = None,
+) -> Iterator[dict]:
+    """Every example of ``split`` exactly once over all hosts, in padded batches of B / P rows.
+
+    Host p takes the contiguous share ``[p N / P, (p + 1) N / P)`` of the split (what
+    ``tfds.split_for_jax_process`` does for a whole tfds split; tfds then reads only that slice) and
+    pads it with ``mask=False`` rows (image 0, label 0, clean_label -1, id -1) to
+    ``num_eval_batches`` batches, so all hosts run the same number of steps. Nothing is dropped.
+    """
+    local = _check_hosts(global_batch_size, process_index, process_count)
+    ex = task.examples(split)
+    n = len(ex)
+    lo, hi = process_index * n // process_count, (process_index + 1) * n // process_count
+    total = num_eval_batches(task, split, global_batch_size, process_count)
+    size = image_size or task.image_size
+    host = ex.subset(np.arange(lo, hi))
+    to_image = ex.pool.to_image
+
+    def prepare(streamed, expected):
+        (example_id, payload), (want_id, label, clean_label) = streamed, expected
+        with tf.control_dependencies([tf.debugging.assert_equal(example_id, want_id)]):
+            image = eval_image(to_image(payload), size)
+        return {
+            "image": image,
+            "label": tf.cast(label, tf.int32),
+            "clean_label": tf.cast(clean_label, tf.int32),
+            "id": example_id,
+            "mask": tf.constant(True),
+        }
+
+    expected = tf.data.Dataset.from_tensor_slices((host.ids, host.labels, host.clean))
+    ds = tf.data.Dataset.zip(ex.pool.stream(host.ids), expected)
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    pad = {
+        "image": tf.zeros([size, size, 3], tf.float32),
+        "label": tf.constant(0, tf.int32),
+        "clean_label": tf.constant(-1, tf.int32),
+        "id": tf.constant(-1, tf.int64),
+        "mask": tf.constant(False),
+    }
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(total * local - (hi - lo)))
+    ds = _options(ds.batch(local, drop_remainder=True).prefetch(2))
+    return _numpy_batches(ds, total, split)
+
+
+__all__ = (
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "Task",
+    "data_config",
+    "epoch_permutation",
+    "eval_batches",
+    "eval_image",
+    "load_task",
+    "normalize",
+    "num_eval_batches",
+    "random_resized_crop",
+    "resize_center_crop",
+    "steps_per_epoch",
+    "train_batches",
+    "train_image",
+)

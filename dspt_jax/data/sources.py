@@ -1,0 +1,684 @@
+"""Where examples come from: tfds builders, CoOp split files, image folders, CSVs, in-memory arrays.
+
+Every source is turned into the same shape: for each of train / val (optional) / test an
+``Examples`` table (stable int64 ids, given labels, clean labels) plus a ``Pool`` that can read the
+image of any id. Only label tables are read up front; images are read by the input pipeline.
+
+Example ids are stable: the position of the example in the canonical (unshuffled) order of its tfds
+split (with the splits of a builder laid end to end when a CoOp split file mixes them), or its index
+in the sorted file list, the CoOp split file or the CSV.
+
+Nothing here downloads: a tfds dataset that is not prepared fails at once with the dataset name,
+the expected directory and the command that prepares it (unless ``config.download`` is True).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from dspt_jax.data import datasets as ds_lib
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+_TABLE_BATCH = 8192
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """A dataset is not on disk (and downloading was not asked for)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Image pools: read the image of an example id
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_image(data: tf.Tensor) -> tf.Tensor:
+    """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 [H, W, 3] (JPEG with the accurate IDCT, as PIL)."""
+    image = tf.cond(
+        tf.io.is_jpeg(data),
+        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+    )
+    image.set_shape([None, None, 3])
+    return image
+
+
+class Pool:
+    """Images addressed by example id.
+
+    ``stream(ids)`` is a tf.data.Dataset of (id int64, payload) in the order of the sorted ``ids``;
+    ``payloads(ids)`` the same payloads as a Python list (kept in memory for training);
+    ``to_image(payload)`` turns a payload into uint8 [H, W, 3] inside tf.data.
+    """
+
+    payload_spec: tf.TensorSpec = tf.TensorSpec([], tf.string)
+
+    def stream(self, ids: np.ndarray) -> tf.data.Dataset:
+        raise NotImplementedError
+
+    def payloads(self, ids: np.ndarray) -> list:
+        raise NotImplementedError
+
+    def to_image(self, payload: tf.Tensor) -> tf.Tensor:
+        return decode_image(payload)
+
+
+class FilePool(Pool):
+    """Image files; the payload is the path (the file is read when the example is used)."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = np.asarray([os.fspath(p) for p in paths], dtype=object)
+
+    def stream(self, ids):
+        ids = np.asarray(ids, np.int64)
+        paths = self.paths[ids].astype(str) if ids.size else np.zeros((0,), str)
+        return tf.data.Dataset.from_tensor_slices((ids, tf.constant(paths, tf.string)))
+
+    def payloads(self, ids):
+        return [str(p) for p in self.paths[np.asarray(ids, np.int64)]]
+
+    def to_image(self, payload):
+        return decode_image(tf.io.read_file(payload))
+
+
+class ArrayPool(Pool):
+    """In-memory uint8 images [N, H, W, 3]; the payload is the pixel array itself."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+        self.payload_spec = tf.TensorSpec([None, None, 3], tf.uint8)
+
+    def stream(self, ids):
+        ids = np.asarray(ids, np.int64)
+        images = self.images
+
+        def gen():
+            for i in ids:
+                yield i, images[i]
+
+        return tf.data.Dataset.from_generator(
+            gen, output_signature=(tf.TensorSpec([], tf.int64), self.payload_spec)
+        )
+
+    def payloads(self, ids):
+        return [self.images[i] for i in np.asarray(ids, np.int64)]
+
+    def to_image(self, payload):
+        return payload
+
+
+def _read_config() -> tfds.ReadConfig:
+    # One file at a time: examples come in the canonical order, so positions are stable ids.
+    return tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False)
+
+
+def _image_decoders(builder) -> dict:
+    return {
+        k: tfds.decode.SkipDecoding()
+        for k, f in builder.info.features.items()
+        if isinstance(f, tfds.features.Image)
+    }
+
+
+class TfdsPool(Pool):
+    """Examples of a tfds builder; ``parts`` are its splits laid end to end: (name, offset, size)."""
+
+    def __init__(self, builder, parts: Sequence[tuple[str, int, int]], image_feature: str = "image"):
+        self.builder = builder
+        self.parts = list(parts)
+        self.image_feature = image_feature
+
+    def _split(self, split: str) -> tf.data.Dataset:
+        return self.builder.as_dataset(
+            split=split, shuffle_files=False, decoders=_image_decoders(self.builder),
+            read_config=_read_config(),
+        )
+
+    def stream(self, ids):
+        ids = np.asarray(ids, np.int64)
+        key = self.image_feature
+        out = None
+        for name, offset, size in self.parts:
+            local = ids[(ids >= offset) & (ids < offset + size)] - offset
+            if local.size == 0:
+                continue
+            first, last = int(local[0]), int(local[-1])
+            if last - first + 1 == local.size:
+                # A contiguous run (a whole split, or one host's share of it): tfds reads just it.
+                split = name if (first == 0 and last == size - 1) else f"{name}[{first}:{last + 1}]"
+                part = self._split(split).enumerate(start=offset + first)
+                part = part.map(lambda i, ex: (i, ex[key]))
+            else:
+                member = np.zeros(last + 1, bool)
+                member[local] = True
+                member_t = tf.constant(member)
+                part = self._split(name).take(last + 1).enumerate()
+                part = part.filter(lambda i, ex: tf.gather(member_t, i))
+                part = part.map(lambda i, ex, o=offset: (i + o, ex[key]))
+            out = part if out is None else out.concatenate(part)
+        if out is None:
+            out = tf.data.Dataset.from_tensor_slices(
+                (tf.zeros([0], tf.int64), tf.zeros([0], tf.string))
+            )
+        return out
+
+    def payloads(self, ids):
+        ids = np.asarray(ids, np.int64)
+        found = {}
+        for i, data in self.stream(ids).as_numpy_iterator():
+            found[int(i)] = data
+        missing = [int(i) for i in ids if int(i) not in found]
+        if missing:
+            raise ValueError(f"{self.builder.name}: {len(missing)} examples not found, e.g. ids {missing[:5]}")
+        return [found[int(i)] for i in ids]
+
+
+# ---------------------------------------------------------------------------------------------
+# Label tables
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Examples:
+    """One split: ids (sorted, unique), given labels (noisy for real-noise data), clean labels.
+
+    ``clean`` is -1 where unknown. For data without label noise ``clean == labels``.
+    """
+
+    pool: Pool
+    ids: np.ndarray
+    labels: np.ndarray
+    clean: np.ndarray
+
+    def __post_init__(self):
+        self.ids = np.asarray(self.ids, np.int64)
+        self.labels = np.asarray(self.labels, np.int64)
+        self.clean = np.asarray(self.clean, np.int64)
+        n = self.ids.shape[0]
+        if self.labels.shape != (n,) or self.clean.shape != (n,):
+            raise ValueError(f"ids, labels, clean differ in length: {n}, {self.labels.shape}, {self.clean.shape}")
+        if n > 1 and np.any(np.diff(self.ids) <= 0):
+            raise ValueError("example ids must be sorted and unique")
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def subset(self, positions: Any, labels: Any = None, clean: Any = None) -> "Examples":
+        """The examples at ``positions`` (sorted), optionally with replaced labels."""
+        pos = np.asarray(positions, np.int64)
+        return Examples(
+            self.pool,
+            self.ids[pos],
+            self.labels[pos] if labels is None else labels,
+            self.clean[pos] if clean is None else clean,
+        )
+
+
+@dataclasses.dataclass
+class SourceData:
+    """A dataset ready for few-shot selection."""
+
+    name: str
+    dataset_id: str  # names the noise record: dataset plus what changes its examples
+    classnames: tuple[str, ...]
+    template: str
+    real_noise: bool
+    train: Examples
+    val: Examples | None
+    test: Examples
+
+
+def coop_carve(labels: np.ndarray, num_classes: int, seed: int) -> tuple[np.ndarray, ...]:
+    """CoOp's split of data without one: per class 50% train, 20% val, rest test (seeded, fixed).
+
+    Returns sorted positions (train, val, test). Python's round, as CoOp.
+    """
+    parts = ([], [], [])
+    for c in range(num_classes):
+        pos = np.flatnonzero(labels == c)
+        pos = np.random.default_rng([int(seed), c]).permutation(pos)
+        n_train, n_val = round(pos.size * 0.5), round(pos.size * 0.2)
+        parts[0].append(pos[:n_train])
+        parts[1].append(pos[n_train : n_train + n_val])
+        parts[2].append(pos[n_train + n_val :])
+    return tuple(np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64) for p in parts)
+
+
+def _norm_key(path: str) -> str:
+    return path.replace("\\", "/").lstrip("/").lower()
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# tfds
+# ---------------------------------------------------------------------------------------------
+
+
+def default_data_dir(data_dir: str | None) -> str:
+    if data_dir:
+        return os.path.expanduser(data_dir)
+    return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+
+def tfds_builder(info: ds_lib.DatasetInfo, cfg: Any, tfds_name: str | None = None):
+    """The prepared tfds builder of ``info``; fails fast (no network) if it is not prepared."""
+    name = tfds_name or info.tfds_name
+    if name.startswith("coop_"):
+        from dspt_jax.data import builders  # noqa: F401  (registers the local builders)
+    data_dir = default_data_dir(cfg.get("data_dir"))
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    if cfg.get("download"):
+        manual = cfg.get("folder")
+        dl = tfds.download.DownloadConfig(manual_dir=manual) if manual else None
+        builder.download_and_prepare(download_config=dl)
+        return builder
+    how = info.prepare.format(data_dir=data_dir)
+    coop = ""
+    if info.coop_split_file:
+        coop = (
+            f"\nOr use CoOp's own files, without tfds: set data.folder=$DATA/{info.coop_dir}/"
+            f"{info.coop_image_dir} and data.split_file=$DATA/{info.coop_dir}/{info.coop_split_file}."
+        )
+    raise DatasetNotPreparedError(
+        f"Dataset '{info.name}' (tfds '{name}') is not prepared: expected it in "
+        f"{builder.data_dir}\nNothing is downloaded here (data.download=False). Prepare it with:\n"
+        f"  {how}{coop}\nSee docs/DATA.md."
+    )
+
+
+def _tfds_table(builder, split: str, fields: Sequence[str]) -> dict[str, np.ndarray]:
+    """Columns ``fields`` of every example of ``split``, in canonical order (images not decoded)."""
+    fields = list(dict.fromkeys(fields))
+    ds = builder.as_dataset(
+        split=split, shuffle_files=False, decoders=_image_decoders(builder), read_config=_read_config()
+    )
+    ds = ds.map(lambda ex: {k: ex[k] for k in fields}).batch(_TABLE_BATCH).prefetch(1)
+    cols = {k: [] for k in fields}
+    for batch in ds.as_numpy_iterator():
+        for k in fields:
+            cols[k].append(batch[k])
+    return {
+        k: np.concatenate(v) if v else np.zeros((0,), object if k != "label" else np.int64)
+        for k, v in cols.items()
+    }
+
+
+def _tfds_source(info: ds_lib.DatasetInfo, cfg: Any) -> SourceData:
+    builder = tfds_builder(info, cfg)
+    source_names = builder.info.features["label"].names
+    to_class = info.map_source_labels(source_names)
+    label_column = None
+    if info.noisy_columns:
+        label_column = cfg.get("label_column") or info.noisy_columns[0]
+        if label_column not in builder.info.features or label_column == "label":
+            raise ValueError(
+                f"{info.name}: label_column {label_column!r} is not a noisy label column; valid: "
+                f"{list(info.noisy_columns)}"
+            )
+    dataset_id = info.name + (f"-{label_column}" if label_column else "")
+    if cfg.get("split_file"):
+        return _tfds_with_split_file(info, cfg, builder, to_class, dataset_id)
+
+    def read(split: str, offset: int = 0, noisy: bool = False):
+        fields = ["label"] + ([label_column] if noisy else [])
+        table = _tfds_table(builder, split, fields)
+        n = table["label"].shape[0]
+        clean = to_class[table["label"].astype(np.int64)]
+        given = to_class[table[label_column].astype(np.int64)] if noisy else clean
+        keep = np.flatnonzero((clean >= 0) & (given >= 0))  # classes CoOp drops
+        return n, keep + offset, given[keep], clean[keep]
+
+    splits = [info.train_split] + [s for s in (info.val_split, info.test_split) if s]
+    parts, tables, offset = [], {}, 0
+    for split in splits:
+        n, ids, given, clean = read(split, offset, noisy=bool(label_column) and split == info.train_split)
+        parts.append((split, offset, n))
+        tables[split] = (ids, given, clean)
+        offset += n
+    pool = TfdsPool(builder, parts)
+    train = Examples(pool, *tables[info.train_split])
+    val = Examples(pool, *tables[info.val_split]) if info.val_split else None
+    if info.test_split:
+        test = Examples(pool, *tables[info.test_split])
+    else:
+        tr, va, te = coop_carve(train.clean, info.num_classes, cfg.get("split_seed", 0))
+        train, val, test = train.subset(tr), train.subset(va), train.subset(te)
+        dataset_id += f"-carve{cfg.get('split_seed', 0)}"
+    return SourceData(info.name, dataset_id, info.classnames, info.template, info.real_noise,
+                      train, val, test)
+
+
+def read_split_file(path: str) -> tuple[dict, dict[int, str]]:
+    """CoOp's split_zhou json -> ({"train"|"val"|"test": [(path, label)]}, {label: prompt-ready name})."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"split file {path} does not exist")
+    with open(path) as f:
+        data = json.load(f)
+    missing = [k for k in ("train", "val", "test") if k not in data]
+    if missing:
+        raise ValueError(f"{path}: not a CoOp split file, missing {missing}")
+    names: dict[int, str] = {}
+    out = {}
+    for part in ("train", "val", "test"):
+        entries = []
+        for item in data[part]:
+            if len(item) != 3:
+                raise ValueError(f"{path}: {part} entry {item!r} is not [path, label, classname]")
+            p, y, c = item
+            y = int(y)
+            if y < 0:
+                raise ValueError(f"{path}: negative label {y} in {part}")
+            if names.setdefault(y, c) != c:
+                raise ValueError(f"{path}: label {y} named both {names[y]!r} and {c!r}")
+            entries.append((str(p), y))
+        out[part] = entries
+    return out, {y: c.replace("_", " ") for y, c in names.items()}
+
+
+def _split_file_names(info: ds_lib.DatasetInfo | None, path: str) -> tuple[dict, tuple[str, ...]]:
+    """The split file's entries and the class names (the registry's, overridden by the file's)."""
+    entries, names = read_split_file(path)
+    if info is None:
+        k = max(names) + 1 if names else 0
+        if sorted(names) != list(range(k)) or k < 2:
+            raise ValueError(f"{path}: labels must be 0..K-1 (K >= 2) when the dataset is not registered")
+        return entries, tuple(names[i] for i in range(k))
+    if names and max(names) >= info.num_classes:
+        raise ValueError(f"{path}: label {max(names)} outside the {info.num_classes} classes of {info.name}")
+    diff = [(y, c, info.classnames[y]) for y, c in sorted(names.items()) if c != info.classnames[y]]
+    if diff:
+        # CoOp takes its prompts from the split file, so the file's names win.
+        log.warning("%s: split file names differ from the registry at %d classes, using the "
+                    "file's: %s", info.name, len(diff), diff[:5])
+    return entries, tuple(names.get(i, c) for i, c in enumerate(info.classnames))
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+
+
+def _tfds_with_split_file(info, cfg, builder, to_class, dataset_id) -> SourceData:
+    """CoOp's split file over a tfds builder: its entries are matched by file name."""
+    if not info.file_key:
+        raise ValueError(
+            f"{info.name}: tfds '{info.tfds_name}' keeps no file names, so a split file cannot be "
+            f"matched to it; set data.folder to CoOp's image folder ($DATA/{info.coop_dir}/"
+            f"{info.coop_image_dir}) to read the files directly"
+        )
+    entries, names = _split_file_names(info, cfg.split_file)
+    source_names = builder.info.features["label"].names
+    splits = list(builder.info.splits.keys()) or [info.train_split, info.test_split]
+    order = {"train": 0, "validation": 1, "val": 1, "test": 2}
+    splits = sorted(splits, key=lambda s: (order.get(s, 3), s))
+    key_of, parts, offset = {}, [], 0
+    for split in splits:
+        table = _tfds_table(builder, split, ["label", info.file_feature])
+        n = table["label"].shape[0]
+        for j in range(n):
+            key = info.file_key.format(
+                label=source_names[table["label"][j]], file=_text(table[info.file_feature][j]), split=split
+            )
+            key_of[_norm_key(key)] = offset + j
+        parts.append((split, offset, n))
+        offset += n
+    pool = TfdsPool(builder, parts)
+    out, missing = {}, 0
+    for part in ("train", "val", "test"):
+        rows = []
+        for p, y in entries[part]:
+            i = key_of.get(_norm_key(p))
+            if i is None:
+                missing += 1
+            else:
+                rows.append((i, y))
+        rows.sort()
+        ids = np.array([r[0] for r in rows], np.int64)
+        labels = np.array([r[1] for r in rows], np.int64)
+        out[part] = Examples(pool, ids, labels, labels)
+    if missing:
+        log.warning("%s: %d split-file entries have no tfds example (skipped); the split is not "
+                    "exactly CoOp's", info.name, missing)
+    return SourceData(info.name, f"{dataset_id}-{_stem(cfg.split_file)}", names, info.template,
+                      False, out["train"], out["val"], out["test"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: CoOp split file + folder, your own folder, CSV, Food-101N
+# ---------------------------------------------------------------------------------------------
+
+
+def _require_dir(path: str | None, what: str) -> str:
+    if not path:
+        raise ValueError(f"{what}: data.folder is not set")
+    path = os.path.expanduser(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what}: folder {path} does not exist (see docs/DATA.md for the layout)")
+    return path
+
+
+def _split_file_folder_source(info, cfg, name) -> SourceData:
+    """CoOp exactly: the split file's paths under CoOp's image folder, read as files."""
+    root = _require_dir(cfg.folder, f"{name} with split_file")
+    entries, names = _split_file_names(info, cfg.split_file)
+    paths, parts, offset = [], {}, 0
+    for part in ("train", "val", "test"):
+        items = entries[part]
+        paths += [os.path.join(root, p) for p, _ in items]
+        labels = np.array([y for _, y in items], np.int64)
+        parts[part] = (np.arange(offset, offset + len(items), dtype=np.int64), labels)
+        offset += len(items)
+    for part in ("train", "test"):
+        first = entries[part][0][0] if entries[part] else None
+        if first and not os.path.isfile(os.path.join(root, first)):
+            raise FileNotFoundError(
+                f"{name}: {os.path.join(root, first)} (first {part} entry of {cfg.split_file}) does "
+                f"not exist; data.folder must be the image folder the split file's paths start from"
+            )
+    pool = FilePool(paths)
+    ex = {k: Examples(pool, ids, y, y) for k, (ids, y) in parts.items()}
+    template = info.template if info else "a photo of a {}."
+    return SourceData(name, f"{name}-{_stem(cfg.split_file)}", names, template, False,
+                      ex["train"], ex["val"], ex["test"])
+
+
+def _list_images(folder: str) -> list[str]:
+    return sorted(
+        f for f in os.listdir(folder)
+        if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        and os.path.isfile(os.path.join(folder, f))
+    )
+
+
+def _class_dirs(folder: str, skip: Sequence[str] = ()) -> list[str]:
+    return sorted(
+        d for d in os.listdir(folder)
+        if not d.startswith(".") and d not in skip and os.path.isdir(os.path.join(folder, d))
+    )
+
+
+def _folder_source(cfg) -> SourceData:
+    """Your own images: root/<class>/*.jpg, optional root/test/<class>/ and root/val/<class>/.
+
+    root/train/<class>/ is accepted too. Without a test part, CoOp's 50/20/30 rule carves one.
+    Class names are the sorted training folder names with "_" as spaces.
+    """
+    root = _require_dir(cfg.get("folder"), "name='folder'")
+    train_dir = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+    classes = _class_dirs(train_dir, skip=("train", "val", "test"))
+    if len(classes) < 2:
+        raise ValueError(f"name='folder': {train_dir} needs at least 2 class folders, found {classes}")
+    index = {c: i for i, c in enumerate(classes)}
+    paths, tables = [], {}
+    for part, folder in (("train", train_dir), ("val", os.path.join(root, "val")),
+                         ("test", os.path.join(root, "test"))):
+        if part != "train" and not os.path.isdir(folder):
+            continue
+        labels = []
+        start = len(paths)
+        for c in classes if part == "train" else _class_dirs(folder):
+            if c not in index:
+                raise ValueError(f"{folder}/{c}: class not among the training classes {classes}")
+            files = _list_images(os.path.join(folder, c))
+            paths += [os.path.join(folder, c, f) for f in files]
+            labels += [index[c]] * len(files)
+        tables[part] = (np.arange(start, len(paths), dtype=np.int64), np.array(labels, np.int64))
+    pool = FilePool(paths)
+    ex = {k: Examples(pool, ids, y, y) for k, (ids, y) in tables.items()}
+    dataset_id = f"folder-{_stem(root)}"
+    if "test" not in ex:
+        tr, va, te = coop_carve(ex["train"].labels, len(classes), cfg.get("split_seed", 0))
+        train = ex["train"]
+        ex = {"train": train.subset(tr), "val": train.subset(va), "test": train.subset(te)}
+        dataset_id += f"-carve{cfg.get('split_seed', 0)}"
+    names = tuple(c.replace("_", " ") for c in classes)
+    return SourceData("folder", dataset_id, names, "a photo of a {}.", False,
+                      ex["train"], ex.get("val"), ex["test"])
+
+
+def _csv_source(cfg) -> SourceData:
+    """Your own data with its own (noisy) labels: a CSV with a header ``path,label[,clean_label][,split]``.
+
+    label / clean_label are class names; classes are the sorted names found in the file. split is
+    train (default), val or test; test rows are needed. Relative paths start at data.folder, else
+    at the CSV's folder. Train labels are the noisy labels, clean_label (empty = unknown) the truth.
+    """
+    path = os.path.expanduser(cfg.csv)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"name='csv': {path} does not exist")
+    base = os.path.expanduser(cfg.get("folder") or os.path.dirname(os.path.abspath(path)))
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise ValueError(f"{path}: needs a header with columns path,label[,clean_label][,split]")
+    has_clean = "clean_label" in rows[0]
+    names = sorted({r["label"] for r in rows} | {r.get("clean_label") or r["label"] for r in rows})
+    index = {c: i for i, c in enumerate(names)}
+    paths, tables = [], {"train": ([], [], []), "val": ([], [], []), "test": ([], [], [])}
+    for i, r in enumerate(rows):
+        split = (r.get("split") or "train").strip().lower()
+        if split not in tables:
+            raise ValueError(f"{path} row {i + 2}: split {split!r} not in train, val, test")
+        p = r["path"] if os.path.isabs(r["path"]) else os.path.join(base, r["path"])
+        paths.append(p)
+        given = index[r["label"]]
+        if has_clean and r["clean_label"]:
+            clean = index[r["clean_label"]]
+        else:
+            # Evaluation rows are the truth; unknown truth on training rows.
+            clean = given if split != "train" else -1
+        for col, v in zip(tables[split], (i, given, clean)):
+            col.append(v)
+    if not tables["test"][0]:
+        raise ValueError(f"{path}: no rows with split=test; the test set must be given")
+    pool = FilePool(paths)
+    ex = {k: Examples(pool, *v) for k, v in tables.items() if v[0] or k == "train"}
+    return SourceData("csv", f"csv-{_stem(path)}", tuple(n.replace("_", " ") for n in names),
+                      "a photo of a {}.", True, ex["train"], ex.get("val"), ex["test"])
+
+
+def _food101n_source(info, cfg) -> SourceData:
+    """Food-101N: noisy web images in class folders (data.folder); test = Food-101's test (tfds).
+
+    meta/verified_train.tsv, when present, gives the truth of its verified images: verified
+    correct -> clean = label; otherwise clean is unknown (-1).
+    """
+    root = _require_dir(cfg.get("folder"), "food101n")
+    image_dir = os.path.join(root, "images") if os.path.isdir(os.path.join(root, "images")) else root
+    builder = tfds_builder(info, cfg)  # fail fast on the test set before listing 310k files
+    index = {c: i for i, c in enumerate(info.classnames)}
+    paths, labels, keys = [], [], []
+    for folder in _class_dirs(image_dir):
+        name = info.rename(folder)
+        if name not in index:
+            raise ValueError(f"food101n: folder {folder!r} is not a Food-101 class")
+        for f in _list_images(os.path.join(image_dir, folder)):
+            paths.append(os.path.join(image_dir, folder, f))
+            labels.append(index[name])
+            keys.append(f"{folder}/{f}")
+    labels = np.array(labels, np.int64)
+    clean = np.full(labels.shape, -1, np.int64)
+    verified = os.path.join(root, "meta", "verified_train.tsv")
+    if os.path.isfile(verified):
+        pos = {k: i for i, k in enumerate(keys)}
+        with open(verified) as f:
+            for line in f:
+                parts = line.strip().split("\t")
+                if len(parts) == 2 and parts[1] == "1" and parts[0] in pos:
+                    clean[pos[parts[0]]] = labels[pos[parts[0]]]
+    train = Examples(FilePool(paths), np.arange(len(paths), dtype=np.int64), labels, clean)
+    to_class = info.map_source_labels(builder.info.features["label"].names)
+    table = _tfds_table(builder, info.test_split, ["label"])
+    y = to_class[table["label"]]
+    test = Examples(TfdsPool(builder, [(info.test_split, 0, y.size)]), np.arange(y.size), y, y)
+    return SourceData(info.name, info.name, info.classnames, info.template, True, train, None, test)
+
+
+def _array_source(info) -> SourceData:
+    out = {}
+    for part, split in info.arrays.items():
+        n = split.labels.shape[0]
+        clean = split.clean if split.clean is not None else split.labels
+        out[part] = Examples(ArrayPool(split.images), np.arange(n), split.labels, clean)
+    return SourceData(info.name, info.name, info.classnames, info.template, info.real_noise,
+                      out["train"], out.get("val"), out["test"])
+
+
+def load_source(cfg: Any) -> SourceData:
+    """The dataset named by ``cfg.name`` (registry entry or your own data), labels read."""
+    name = ds_lib.canonical_name(cfg.name)
+    if name == "folder":
+        if cfg.get("split_file"):
+            return _split_file_folder_source(None, cfg, "folder")
+        return _folder_source(cfg)
+    if name == "csv":
+        if not cfg.get("csv"):
+            raise ValueError("name='csv' needs data.csv (a CSV of path,label[,clean_label][,split])")
+        return _csv_source(cfg)
+    info = ds_lib.get_dataset_info(name)
+    if cfg.get("csv"):
+        raise ValueError(f"data.csv is only used with name='csv', got name={name!r}")
+    if info.kind == "arrays":
+        if cfg.get("split_file") or cfg.get("folder"):
+            raise ValueError(f"{name!r} is an in-memory dataset; data.split_file / data.folder do not apply")
+        return _array_source(info)
+    if info.kind == "food101n":
+        return _food101n_source(info, cfg)
+    if cfg.get("split_file") and cfg.get("folder"):
+        return _split_file_folder_source(info, cfg, name)
+    if cfg.get("folder") and not cfg.get("download"):
+        raise ValueError(
+            f"data.folder with name={name!r} needs data.split_file (CoOp's split_zhou json); for a "
+            f"folder of your own classes use name='folder'"
+        )
+    return _tfds_source(info, cfg)
+
+
+__all__ = (
+    "DatasetNotPreparedError",
+    "Examples",
+    "SourceData",
+    "Pool",
+    "FilePool",
+    "ArrayPool",
+    "TfdsPool",
+    "coop_carve",
+    "decode_image",
+    "load_source",
+    "read_split_file",
+    "tfds_builder",
+)
