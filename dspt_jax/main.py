@@ -1,0 +1,48 @@
+"""Command line: `python -m dspt_jax.main --config=configs/caltech.py --workdir=runs/caltech`.
+
+Any config field can be overridden: `--config.noise.kind=sym --config.noise.rate=0.5 --config.loss=ce`.
+On multi-host systems (TPU pods, multi-node GPU) pass --distributed to call jax.distributed.initialize().
+Progress goes to stdout; absl/orbax messages below WARNING are hidden unless --verbosity is given.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.json.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+log = logging.getLogger("dspt_jax")
+
+
+def _setup_logging() -> None:
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  handler = logging.StreamHandler(sys.stdout)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  log.addHandler(handler)
+  log.setLevel(logging.INFO)
+  log.propagate = False
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _setup_logging()
+  import jax
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from dspt_jax import train
+  log.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(), jax.process_count(),
+           jax.devices())
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
