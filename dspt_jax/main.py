@@ -15,7 +15,11 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.json.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (TPU pods, "
+                                  "SLURM/Open MPI clusters are detected; elsewhere give the three flags below).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-node GPU).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-node GPU).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-node GPU).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 log = logging.getLogger("dspt_jax")
@@ -37,7 +41,8 @@ def main(argv):
   _setup_logging()
   import jax
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
   from dspt_jax import train
   log.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(), jax.process_count(),
            jax.devices())

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One process driving all GPUs of this host (jit shards the batch over them; no per-GPU processes needed).
+#
+#   launch/multi_gpu.sh configs/caltech.py runs/caltech [--config.noise.rate=0.5 ...]
+#
+# Multi-node: on each node (SLURM and Open MPI are detected by JAX; elsewhere give the three flags):
+#   python -m dspt_jax.main --distributed --coordinator_address=host0:1234 --num_processes=2 \
+#     --process_id=$RANK --config=... --workdir=<shared dir>
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  sed -n 2,8p "$0"; exit 2
+fi
+CONFIG=$1; WORKDIR=$2; shift 2
+# Keep TensorFlow (input pipeline only) off the GPUs and let XLA take what it needs.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+exec python -m dspt_jax.main --config="$CONFIG" --workdir="$WORKDIR" "$@"
