@@ -6,10 +6,8 @@ and n_ctx 16, a few training steps through the real trainer; prints steps/s. No 
 
 import argparse
 import json
-import logging
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -20,44 +18,57 @@ from dspt_jax.data import datasets
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--dtype", default="float32")
-  parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--workdir", default="/tmp/real_size_smoke")
-  args = parser.parse_args()
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--workdir", default="/tmp/real_size_smoke")
+    args = parser.parse_args()
+    train.log_to_stdout()
 
-  names = datasets.get_dataset_info("caltech101").classnames
-  k, per_class = len(names), 4
-  rng = np.random.default_rng(0)
-  labels = np.repeat(np.arange(k), per_class)
-  images = rng.integers(0, 256, size=(k * per_class, 224, 224, 3), dtype=np.uint8)
-  datasets.register_array_dataset("random_caltech_shapes", names, train=(images, labels),
-                                  test=(images[:k], labels[:k]), overwrite=True)
+    names = datasets.get_dataset_info("caltech101").classnames
+    k, per_class = len(names), 4
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(k), per_class)
+    images = rng.integers(0, 256, size=(k * per_class, 224, 224, 3), dtype=np.uint8)
+    datasets.register_array_dataset(
+        "random_caltech_shapes", names, train=(images, labels), test=(images[:k], labels[:k]), overwrite=True
+    )
 
-  config = default_config()
-  config.model.source = "random:vit_b16"
-  config.model.compute_dtype = args.dtype
-  config.data.name = "random_caltech_shapes"
-  config.data.shots = per_class
-  config.batch_size = args.batch_size
-  config.max_steps = args.steps
-  config.log_every_steps = 1
-  config.zero_shot = False
-  config.eval_train = False
-  shutil.rmtree(args.workdir, ignore_errors=True)
-  start = time.time()
-  results = train.train_and_evaluate(config, args.workdir)
-  lines = [json.loads(l) for l in open(os.path.join(args.workdir, "metrics.jsonl"))]
-  steady = [l["steps_per_sec"] for l in lines[1:]]  # the first step includes compilation
-  print(json.dumps({
-      "model": "ViT-B/16 shapes, random weights", "classes": k, "batch": args.batch_size, "n_ctx": 16,
-      "dtype": args.dtype, "steps": results["steps"], "first_step_s": 1 / lines[0]["steps_per_sec"],
-      "steady_steps_per_sec": float(np.mean(steady)) if steady else None,
-      "seconds_per_step": 1 / float(np.mean(steady)) if steady else None,
-      "wall_time_s": time.time() - start, "test_examples": results["final"]["num_examples"]}, indent=1))
+    config = default_config()
+    config.model.source = "random:vit_b16"
+    config.model.compute_dtype = args.dtype
+    config.data.name = "random_caltech_shapes"
+    config.data.shots = per_class
+    config.batch_size = args.batch_size
+    config.max_steps = args.steps
+    config.log_every_steps = 1
+    config.zero_shot = False
+    config.eval_train = False
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    start = time.time()
+    results = train.train_and_evaluate(config, args.workdir)
+    lines = [json.loads(l) for l in open(os.path.join(args.workdir, "metrics.jsonl"))]
+    steady = [l["steps_per_sec"] for l in lines[1:]]  # the first step includes compilation
+    print(
+        json.dumps(
+            {
+                "model": "ViT-B/16 shapes, random weights",
+                "classes": k,
+                "batch": args.batch_size,
+                "n_ctx": 16,
+                "dtype": args.dtype,
+                "steps": results["steps"],
+                "first_step_s": 1 / lines[0]["steps_per_sec"],
+                "steady_steps_per_sec": float(np.mean(steady)) if steady else None,
+                "seconds_per_step": 1 / float(np.mean(steady)) if steady else None,
+                "wall_time_s": time.time() - start,
+                "test_examples": results["final"]["num_examples"],
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":
-  main()
+    main()

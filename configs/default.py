@@ -12,4 +12,4 @@ from dspt_jax.config import default_config
 
 
 def get_config():
-  return default_config()
+    return default_config()

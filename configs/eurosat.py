@@ -12,6 +12,6 @@ from dspt_jax.config import default_config
 
 
 def get_config():
-  config = default_config()
-  config.data.name = "eurosat"
-  return config
+    config = default_config()
+    config.data.name = "eurosat"
+    return config

@@ -14,7 +14,7 @@ from dspt_jax.config import default_config
 
 
 def get_config():
-  config = default_config()
-  config.data.name = "imagenet"
-  config.num_epochs = 50
-  return config
+    config = default_config()
+    config.data.name = "imagenet"
+    config.num_epochs = 50
+    return config

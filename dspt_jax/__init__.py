@@ -4,3 +4,4 @@ from dspt_jax.models.loading import CLIP, load_clip
 from dspt_jax.tokenizer import tokenize
 
 __version__ = "0.1.0"
+__all__ = ["CLIP", "load_clip", "tokenize", "__version__"]

@@ -13,29 +13,31 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  """`save(step, state)` every `every_steps` (and when forced), `restore(template)` of the latest one."""
+    """`save(step, state)` every `every_steps` (and when forced), `restore(template)` of the latest one."""
 
-  def __init__(self, directory: str, every_steps: int, max_to_keep: int = 2):
-    self._manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=max(1, every_steps),
-                                             create=True))
+    def __init__(self, directory: str, every_steps: int, max_to_keep: int = 2):
+        self._manager = ocp.CheckpointManager(
+            os.path.abspath(directory),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, save_interval_steps=max(1, every_steps), create=True
+            ),
+        )
 
-  @property
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    @property
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
 
-  def save(self, step: int, state, force: bool = False) -> bool:
-    return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    def save(self, step: int, state, force: bool = False) -> bool:
+        return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
-  def restore(self, template, step: int | None = None):
-    """The state at `step` (default: latest), with the structure, shardings and dtypes of `template`."""
-    step = self.latest_step if step is None else step
-    return self._manager.restore(step, args=ocp.args.StandardRestore(template))
+    def restore(self, template, step: int | None = None):
+        """The state at `step` (default: latest), with the structure, shardings and dtypes of `template`."""
+        step = self.latest_step if step is None else step
+        return self._manager.restore(step, args=ocp.args.StandardRestore(template))
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
 
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -7,51 +7,51 @@ from dspt_jax.data.config import default_data_config
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The full config with CoOp's defaults; config files override a few fields."""
-  config = ml_collections.ConfigDict()
+    """The full config with CoOp's defaults; config files override a few fields."""
+    config = ml_collections.ConfigDict()
 
-  # 1, 2, 3 in CoOp's protocol. Drives the few-shot sample, the label noise, the prompt init and the
-  # data order. 0 is a seed like any other.
-  config.seed = 1
-  # dspt (double-softmax CE, the method) | ce (CoOp) | gce | mae
-  config.loss = "dspt"
-  config.gce_q = 0.5
+    # 1, 2, 3 in CoOp's protocol. Drives the few-shot sample, the label noise, the prompt init and the
+    # data order. 0 is a seed like any other.
+    config.seed = 1
+    # dspt (double-softmax CE, the method) | ce (CoOp) | gce | mae
+    config.loss = "dspt"
+    config.gce_q = 0.5
 
-  # Label noise on the few-shot training set (see dspt_jax/data/noise.py and docs/DATA.md):
-  # none | sym | asym | sym_incl | symflip | pairflip | matrix | real
-  data = default_data_config()
-  config.noise = data.noise
-  config.data = data
-  del config.data["noise"]  # the trainer hands config.noise and config.seed to the data layer
-  del config.data["seed"]
+    # Label noise on the few-shot training set (see dspt_jax/data/noise.py and docs/DATA.md):
+    # none | sym | asym | sym_incl | symflip | pairflip | matrix | real
+    data = default_data_config()
+    config.noise = data.noise
+    config.data = data
+    del config.data["noise"]  # the trainer hands config.noise and config.seed to the data layer
+    del config.data["seed"]
 
-  config.model = ml_collections.ConfigDict()
-  # A hub id, a local directory (config.json + weights), or "random:<preset>" (dspt_jax.models.presets).
-  config.model.source = "openai/clip-vit-base-patch16"
-  config.model.compute_dtype = "float32"  # or "bfloat16": towers only; the loss is always float32
+    config.model = ml_collections.ConfigDict()
+    # A hub id, a local directory (config.json + weights), or "random:<preset>" (dspt_jax.models.presets).
+    config.model.source = "openai/clip-vit-base-patch16"
+    config.model.compute_dtype = "float32"  # or "bfloat16": towers only; the loss is always float32
 
-  config.prompt = ml_collections.ConfigDict()
-  config.prompt.n_ctx = 16
-  config.prompt.csc = False                 # class-specific context
-  config.prompt.ctx_init = ""               # e.g. "a photo of a" (then n_ctx >= its token count)
-  config.prompt.class_token_position = "end"  # end | middle | front
+    config.prompt = ml_collections.ConfigDict()
+    config.prompt.n_ctx = 16
+    config.prompt.csc = False  # class-specific context
+    config.prompt.ctx_init = ""  # e.g. "a photo of a" (then n_ctx >= its token count)
+    config.prompt.class_token_position = "end"  # end | middle | front
 
-  # CoOp's optimizer: SGD + momentum, L2 weight decay, cosine over epochs after 1 constant warmup epoch.
-  config.optim = ml_collections.ConfigDict()
-  config.optim.lr = 0.002
-  config.optim.momentum = 0.9
-  config.optim.weight_decay = 5e-4
-  config.optim.warmup_epochs = 1
-  config.optim.warmup_lr = 1e-5
+    # CoOp's optimizer: SGD + momentum, L2 weight decay, cosine over epochs after 1 constant warmup epoch.
+    config.optim = ml_collections.ConfigDict()
+    config.optim.lr = 0.002
+    config.optim.momentum = 0.9
+    config.optim.weight_decay = 5e-4
+    config.optim.warmup_epochs = 1
+    config.optim.warmup_lr = 1e-5
 
-  config.num_epochs = 200        # CoOp: 200 at 8/16 shots, 100 at 2/4, 50 at 1
-  config.max_steps = config_dict.placeholder(int)  # cut the run short (tests, smoke runs)
-  config.batch_size = 32
-  config.eval_batch_size = 100
+    config.num_epochs = 200  # CoOp: 200 at 8/16 shots, 100 at 2/4, 50 at 1
+    config.max_steps = config_dict.placeholder(int)  # cut the run short (tests, smoke runs)
+    config.batch_size = 32
+    config.eval_batch_size = 100
 
-  config.zero_shot = True        # zero-shot CLIP with the dataset's template before training
-  config.eval_every_epochs = 0   # 0: only at the end
-  config.eval_train = True       # clean-label accuracy and fitted flipped examples on the training set
-  config.log_every_steps = 20
-  config.checkpoint_every_steps = 500
-  return config
+    config.zero_shot = True  # zero-shot CLIP with the dataset's template before training
+    config.eval_every_epochs = 0  # 0: only at the end
+    config.eval_train = True  # clean-label accuracy and fitted flipped examples on the training set
+    config.log_every_steps = 20
+    config.checkpoint_every_steps = 500
+    return config

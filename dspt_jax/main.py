@@ -6,17 +6,21 @@ Progress goes to stdout; absl/orbax messages below WARNING are hidden unless --v
 """
 
 import logging
-import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.json.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (TPU pods, "
-                                  "SLURM/Open MPI clusters are detected; elsewhere give the three flags below).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() first (TPU pods, "
+    "SLURM/Open MPI clusters are detected; elsewhere give the three flags below).",
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-node GPU).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-node GPU).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-node GPU).")
@@ -26,28 +30,36 @@ log = logging.getLogger("dspt_jax")
 
 
 def _setup_logging() -> None:
-  if not flags.FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  handler = logging.StreamHandler(sys.stdout)
-  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-  log.addHandler(handler)
-  log.setLevel(logging.INFO)
-  log.propagate = False
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    from dspt_jax.train import log_to_stdout
+
+    log_to_stdout()
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  _setup_logging()
-  import jax
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-  from dspt_jax import train
-  log.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(), jax.process_count(),
-           jax.devices())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    _setup_logging()
+    import jax
+
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    from dspt_jax import train
+
+    log.info(
+        "JAX %s, process %d/%d, devices: %s",
+        jax.__version__,
+        jax.process_index(),
+        jax.process_count(),
+        jax.devices(),
+    )
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

@@ -10,81 +10,86 @@ import numpy as np
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-  """[K, K] counts, rows = true label, columns = prediction."""
-  cm = np.zeros((num_classes, num_classes), np.int64)
-  np.add.at(cm, (np.asarray(labels, np.int64), np.asarray(preds, np.int64)), 1)
-  return cm
+    """[K, K] counts, rows = true label, columns = prediction."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (np.asarray(labels, np.int64), np.asarray(preds, np.int64)), 1)
+    return cm
 
 
 def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> dict:
-  """Accuracy, macro-F1 (over classes present in labels or predictions) and per-class accuracy (recall)."""
-  labels, preds = np.asarray(labels), np.asarray(preds)
-  if labels.size == 0:
-    raise ValueError("no examples to evaluate")
-  cm = confusion_matrix(labels, preds, num_classes)
-  tp = np.diag(cm).astype(np.float64)
-  support, predicted = cm.sum(1), cm.sum(0)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    recall = np.where(support > 0, tp / support, np.nan)
-    precision = np.where(predicted > 0, tp / predicted, 0.0)
-    f1 = np.where(tp > 0, 2 * precision * np.nan_to_num(recall) / (precision + np.nan_to_num(recall)), 0.0)
-  present = (support > 0) | (predicted > 0)
-  return {
-      "accuracy": float(tp.sum() / labels.size),
-      "macro_f1": float(f1[present].mean()),
-      "per_class_accuracy": [None if np.isnan(r) else float(r) for r in recall],
-      "num_examples": int(labels.size),
-  }
+    """Accuracy, macro-F1 (over classes present in labels or predictions) and per-class accuracy (recall)."""
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    if labels.size == 0:
+        raise ValueError("no examples to evaluate")
+    cm = confusion_matrix(labels, preds, num_classes)
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(1), cm.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(support > 0, tp / support, np.nan)
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        f1 = np.where(
+            tp > 0, 2 * precision * np.nan_to_num(recall) / (precision + np.nan_to_num(recall)), 0.0
+        )
+    present = (support > 0) | (predicted > 0)
+    return {
+        "accuracy": float(tp.sum() / labels.size),
+        "macro_f1": float(f1[present].mean()),
+        "per_class_accuracy": [None if np.isnan(r) else float(r) for r in recall],
+        "num_examples": int(labels.size),
+    }
 
 
 def train_set_diagnostics(preds, noisy, clean, flipped) -> dict:
-  """How the tuned prompt sees its own training set: clean-label accuracy and memorized noise.
+    """How the tuned prompt sees its own training set: clean-label accuracy and memorized noise.
 
-  `fitted_flipped`: flipped examples predicted as their (wrong) training label, the memorization that
-  DSPT is meant to prevent; `corrected_flipped`: flipped examples predicted as their true class.
-  """
-  preds, noisy, clean, flipped = map(np.asarray, (preds, noisy, clean, flipped))
-  known = clean >= 0
-  out = {
-      "num_examples": int(preds.size),
-      "accuracy_noisy_labels": float((preds == noisy).mean()),
-      "accuracy_clean_labels": float((preds[known] == clean[known]).mean()) if known.any() else None,
-      "num_flipped": int(flipped.sum()),
-      "fitted_flipped": int((preds[flipped] == noisy[flipped]).sum()),
-      "corrected_flipped": int((preds[flipped] == clean[flipped]).sum()),
-  }
-  out["fitted_flipped_fraction"] = out["fitted_flipped"] / out["num_flipped"] if out["num_flipped"] else None
-  return out
+    `fitted_flipped`: flipped examples predicted as their (wrong) training label, the memorization that
+    DSPT is meant to prevent; `corrected_flipped`: flipped examples predicted as their true class.
+    """
+    preds, noisy, clean, flipped = map(np.asarray, (preds, noisy, clean, flipped))
+    known = clean >= 0
+    out = {
+        "num_examples": int(preds.size),
+        "accuracy_noisy_labels": float((preds == noisy).mean()),
+        "accuracy_clean_labels": float((preds[known] == clean[known]).mean()) if known.any() else None,
+        "num_flipped": int(flipped.sum()),
+        "fitted_flipped": int((preds[flipped] == noisy[flipped]).sum()),
+        "corrected_flipped": int((preds[flipped] == clean[flipped]).sum()),
+    }
+    out["fitted_flipped_fraction"] = (
+        out["fitted_flipped"] / out["num_flipped"] if out["num_flipped"] else None
+    )
+    return out
 
 
 class MetricWriter:
-  """One JSON line per logged step in `metrics.jsonl`, and TensorBoard scalars (via tensorboardX)."""
+    """One JSON line per logged step in `metrics.jsonl`, and TensorBoard scalars (via tensorboardX)."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
-    self._enabled = enabled
-    self._tb = None
-    if not enabled:
-      return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    try:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    except ImportError:  # optional: JSON lines are the record, TensorBoard a convenience
-      pass
+    def __init__(self, workdir: str, enabled: bool = True):
+        self._enabled = enabled
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        try:
+            from tensorboardX import SummaryWriter
 
-  def write(self, step: int, scalars: dict) -> None:
-    if not self._enabled:
-      return
-    scalars = {k: float(v) for k, v in scalars.items() if v is not None}
-    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
-    self._jsonl.flush()
-    if self._tb is not None:
-      for k, v in scalars.items():
-        self._tb.add_scalar(k, v, int(step))
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # optional: JSON lines are the record, TensorBoard a convenience
+            pass
 
-  def close(self) -> None:
-    if self._enabled:
-      self._jsonl.close()
-      if self._tb is not None:
-        self._tb.close()
+    def write(self, step: int, scalars: dict) -> None:
+        if not self._enabled:
+            return
+        scalars = {k: float(v) for k, v in scalars.items() if v is not None}
+        self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, int(step))
+
+    def close(self) -> None:
+        if self._enabled:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()

@@ -14,31 +14,35 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA_AXIS))
+    return NamedSharding(mesh, P(DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
+    return NamedSharding(mesh, P())
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
-  n = mesh.devices.size
-  if global_batch_size % n:
-    raise ValueError(f"{what}={global_batch_size} is not divisible by the {n} devices of the mesh.")
-  if global_batch_size % jax.process_count():
-    raise ValueError(f"{what}={global_batch_size} is not divisible by the {jax.process_count()} processes.")
+    n = mesh.devices.size
+    if global_batch_size % n:
+        raise ValueError(f"{what}={global_batch_size} is not divisible by the {n} devices of the mesh.")
+    if global_batch_size % jax.process_count():
+        raise ValueError(
+            f"{what}={global_batch_size} is not divisible by the {jax.process_count()} processes."
+        )
 
 
 def to_global(local_batch: dict, mesh: Mesh) -> dict:
-  """Host-local numpy batch (this process's rows) -> global jax.Arrays sharded over the data axis."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+    """Host-local numpy batch (this process's rows) -> global jax.Arrays sharded over the data axis."""
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()
+    }
 
 
 def replicate(tree, mesh: Mesh):
-  return jax.device_put(tree, replicated(mesh))
+    return jax.device_put(tree, replicated(mesh))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -30,355 +31,485 @@ from dspt_jax import checkpointing, losses, metrics, sharding
 from dspt_jax import tokenizer as tok_lib
 from dspt_jax.models import prompt as prompt_lib
 from dspt_jax.models.clip import CLIPModule, l2_normalize
-from dspt_jax.models.loading import CLIP, load_clip
+from dspt_jax.models.loading import load_clip
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 log = logging.getLogger("dspt_jax")
 
 
+def log_to_stdout() -> None:
+    """Progress lines of the `dspt_jax` logger on stdout (absl owns the root logger, so attach directly)."""
+    if any(getattr(h, "_dspt_console", False) for h in log.handlers):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    handler._dspt_console = True
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array
-  prompt: dict
-  opt_state: Any
-  first_bad_step: jax.Array  # -1 while every loss has been finite; else the first step that was not
+    step: jax.Array
+    prompt: dict
+    opt_state: Any
+    first_bad_step: jax.Array  # -1 while every loss has been finite; else the first step that was not
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Configuration checks: cheap, before any weights or data are touched.
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError for settings that cannot work, naming the field and the valid choices."""
-  from dspt_jax.data import datasets, noise  # numpy only
 
-  if config.data.name not in datasets.OWN_DATA_NAMES:
-    datasets.canonical_name(config.data.name)  # unknown name -> ValueError listing the valid ones
-  losses.get_loss_fn(config.loss, gce_q=config.gce_q)
-  noise.NoiseSpec(kind=config.noise.kind, rate=config.noise.rate, num_flips=config.noise.num_flips,
-                  transition=config.noise.transition)
-  noise.check_seed(config.seed)
-  p = config.prompt
-  if p.n_ctx < 1:
-    raise ValueError(f"config.prompt.n_ctx must be >= 1, got {p.n_ctx}")
-  if p.class_token_position not in prompt_lib.CLASS_TOKEN_POSITIONS:
-    raise ValueError(f"config.prompt.class_token_position must be one of "
-                     f"{prompt_lib.CLASS_TOKEN_POSITIONS}, got {p.class_token_position!r}")
-  if p.ctx_init:
-    n = len(tok_lib.get_tokenizer().encode(p.ctx_init.replace("_", " ")))
-    if n > p.n_ctx:
-      raise ValueError(f"config.prompt.ctx_init={p.ctx_init!r} is {n} tokens, more than "
-                       f"config.prompt.n_ctx={p.n_ctx} allows.")
-  if config.model.compute_dtype not in _DTYPES:
-    raise ValueError(f"config.model.compute_dtype must be one of {sorted(_DTYPES)}, got "
-                     f"{config.model.compute_dtype!r}")
-  for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps"):
-    if config[field] < 1:
-      raise ValueError(f"config.{field} must be >= 1, got {config[field]}")
-  if config.max_steps is not None and config.max_steps < 0:
-    raise ValueError(f"config.max_steps must be >= 0, got {config.max_steps}")
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError for settings that cannot work, naming the field and the valid choices."""
+    from dspt_jax.data import datasets, noise  # numpy only
+
+    if config.data.name not in datasets.OWN_DATA_NAMES:
+        datasets.canonical_name(config.data.name)  # unknown name -> ValueError listing the valid ones
+    losses.get_loss_fn(config.loss, gce_q=config.gce_q)
+    noise.NoiseSpec(
+        kind=config.noise.kind,
+        rate=config.noise.rate,
+        num_flips=config.noise.num_flips,
+        transition=config.noise.transition,
+    )
+    noise.check_seed(config.seed)
+    p = config.prompt
+    if p.n_ctx < 1:
+        raise ValueError(f"config.prompt.n_ctx must be >= 1, got {p.n_ctx}")
+    if p.class_token_position not in prompt_lib.CLASS_TOKEN_POSITIONS:
+        raise ValueError(
+            f"config.prompt.class_token_position must be one of "
+            f"{prompt_lib.CLASS_TOKEN_POSITIONS}, got {p.class_token_position!r}"
+        )
+    if p.ctx_init:
+        n = len(tok_lib.get_tokenizer().encode(p.ctx_init.replace("_", " ")))
+        if n > p.n_ctx:
+            raise ValueError(
+                f"config.prompt.ctx_init={p.ctx_init!r} is {n} tokens, more than "
+                f"config.prompt.n_ctx={p.n_ctx} allows."
+            )
+    if config.model.compute_dtype not in _DTYPES:
+        raise ValueError(
+            f"config.model.compute_dtype must be one of {sorted(_DTYPES)}, got {config.model.compute_dtype!r}"
+        )
+    for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps"):
+        if config[field] < 1:
+            raise ValueError(f"config.{field} must be >= 1, got {config[field]}")
+    if config.max_steps is not None and config.max_steps < 0:
+        raise ValueError(f"config.max_steps must be >= 0, got {config.max_steps}")
 
 
 def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """config.data plus the run-level seed and noise, in the form the data layer takes."""
-  cfg = ml_collections.ConfigDict(config.data.to_dict())
-  cfg.seed = config.seed
-  cfg.noise = ml_collections.ConfigDict(config.noise.to_dict())
-  return cfg
+    """config.data plus the run-level seed and noise, in the form the data layer takes."""
+    cfg = ml_collections.ConfigDict(config.data.to_dict())
+    cfg.seed = config.seed
+    cfg.noise = ml_collections.ConfigDict(config.noise.to_dict())
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Optimizer.
 
-def coop_lr_schedule(optim: ml_collections.ConfigDict, num_epochs: int, steps_per_epoch: int) -> optax.Schedule:
-  """Per-epoch learning rate as CoOp/Dassl: `warmup_lr` for the warmup epochs, then base * cos-annealing
-  over `num_epochs` (epoch e gets 0.5 * lr * (1 + cos(pi * e / num_epochs)))."""
 
-  def schedule(step):
-    epoch = step // steps_per_epoch
-    cosine = 0.5 * optim.lr * (1 + jnp.cos(jnp.pi * epoch / num_epochs))
-    return jnp.where(epoch < optim.warmup_epochs, optim.warmup_lr, cosine)
+def coop_lr_schedule(
+    optim: ml_collections.ConfigDict, num_epochs: int, steps_per_epoch: int
+) -> optax.Schedule:
+    """Per-epoch learning rate as CoOp/Dassl: `warmup_lr` for the warmup epochs, then base * cos-annealing
+    over `num_epochs` (epoch e gets 0.5 * lr * (1 + cos(pi * e / num_epochs)))."""
 
-  return schedule
+    def schedule(step):
+        epoch = step // steps_per_epoch
+        cosine = 0.5 * optim.lr * (1 + jnp.cos(jnp.pi * epoch / num_epochs))
+        return jnp.where(epoch < optim.warmup_epochs, optim.warmup_lr, cosine)
+
+    return schedule
 
 
 def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  schedule = coop_lr_schedule(config.optim, config.num_epochs, steps_per_epoch)
-  sgd = optax.chain(optax.add_decayed_weights(config.optim.weight_decay),  # L2 as torch SGD's weight_decay
-                    optax.sgd(schedule, momentum=config.optim.momentum))
-  tx = optax.multi_transform({"train": sgd, "frozen": optax.set_to_zero()}, {"prompt": "train", "clip": "frozen"})
-  return tx, schedule
+    schedule = coop_lr_schedule(config.optim, config.num_epochs, steps_per_epoch)
+    sgd = optax.chain(
+        optax.add_decayed_weights(config.optim.weight_decay),  # L2 as torch SGD's weight_decay
+        optax.sgd(schedule, momentum=config.optim.momentum),
+    )
+    tx = optax.multi_transform(
+        {"train": sgd, "frozen": optax.set_to_zero()}, {"prompt": "train", "clip": "frozen"}
+    )
+    return tx, schedule
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Steps.
 
+
 def text_features(module: CLIPModule, clip_params, frozen_embeds, prompt, spec: prompt_lib.PromptSpec):
-  """The K class features of the current prompt: one pass of the (cut) text tower over all classes."""
-  embeds = prompt_lib.assemble(frozen_embeds, prompt["ctx"], jnp.asarray(spec.ctx_positions))
-  return module.apply({"params": clip_params}, embeds, jnp.asarray(spec.eot_index),
-                      method="encode_text_embeddings")
+    """The K class features of the current prompt: one pass of the (cut) text tower over all classes."""
+    embeds = prompt_lib.assemble(frozen_embeds, prompt["ctx"], jnp.asarray(spec.ctx_positions))
+    return module.apply(
+        {"params": clip_params}, embeds, jnp.asarray(spec.eot_index), method="encode_text_embeddings"
+    )
 
 
 def logits_from_features(clip_params, image_features, class_features):
-  scale = jnp.exp(clip_params["logit_scale"].astype(jnp.float32))
-  return scale * l2_normalize(image_features) @ l2_normalize(class_features).T
+    scale = jnp.exp(clip_params["logit_scale"].astype(jnp.float32))
+    return scale * l2_normalize(image_features) @ l2_normalize(class_features).T
 
 
 def make_train_step(module: CLIPModule, spec: prompt_lib.PromptSpec, loss_fn, tx):
-  def train_step(state: TrainState, clip_params, frozen_embeds, batch):
-    image_features = jax.lax.stop_gradient(
-        module.apply({"params": clip_params}, batch["image"], method="encode_image"))
+    def train_step(state: TrainState, clip_params, frozen_embeds, batch):
+        image_features = jax.lax.stop_gradient(
+            module.apply({"params": clip_params}, batch["image"], method="encode_image")
+        )
 
-    def loss_of(prompt):
-      class_features = text_features(module, clip_params, frozen_embeds, prompt, spec)
-      logits = logits_from_features(clip_params, image_features, class_features)
-      return losses.masked_mean(loss_fn(logits, batch["label"]), batch["mask"]), logits
+        def loss_of(prompt):
+            class_features = text_features(module, clip_params, frozen_embeds, prompt, spec)
+            logits = logits_from_features(clip_params, image_features, class_features)
+            return losses.masked_mean(loss_fn(logits, batch["label"]), batch["mask"]), logits
 
-    (loss, logits), grad = jax.value_and_grad(loss_of, has_aux=True)(state.prompt)
-    # set_to_zero ignores its input: the zeros stand in for CLIP's (never computed) gradient and are
-    # dead code after jit.
-    grads = {"prompt": grad, "clip": jax.tree.map(jnp.zeros_like, clip_params)}
-    params = {"prompt": state.prompt, "clip": clip_params}
-    updates, opt_state = tx.update(grads, state.opt_state, params)
-    prompt = optax.apply_updates(state.prompt, updates["prompt"])
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    bad = (state.first_bad_step < 0) & ~jnp.isfinite(loss)
-    new_state = state.replace(step=state.step + 1, prompt=prompt, opt_state=opt_state,
-                              first_bad_step=jnp.where(bad, state.step, state.first_bad_step))
-    return new_state, {"loss": loss, "train_accuracy": losses.masked_mean(correct, batch["mask"]),
-                       "grad_norm": optax.global_norm(grad)}
+        (loss, logits), grad = jax.value_and_grad(loss_of, has_aux=True)(state.prompt)
+        # set_to_zero ignores its input: the zeros stand in for CLIP's (never computed) gradient and are
+        # dead code after jit.
+        grads = {"prompt": grad, "clip": jax.tree.map(jnp.zeros_like, clip_params)}
+        params = {"prompt": state.prompt, "clip": clip_params}
+        updates, opt_state = tx.update(grads, state.opt_state, params)
+        prompt = optax.apply_updates(state.prompt, updates["prompt"])
+        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        bad = (state.first_bad_step < 0) & ~jnp.isfinite(loss)
+        new_state = state.replace(
+            step=state.step + 1,
+            prompt=prompt,
+            opt_state=opt_state,
+            first_bad_step=jnp.where(bad, state.step, state.first_bad_step),
+        )
+        return new_state, {
+            "loss": loss,
+            "train_accuracy": losses.masked_mean(correct, batch["mask"]),
+            "grad_norm": optax.global_norm(grad),
+        }
 
-  return train_step
+    return train_step
 
 
 def make_predict_step(module: CLIPModule):
-  def predict(clip_params, class_features, images):
-    image_features = module.apply({"params": clip_params}, images, method="encode_image")
-    return jnp.argmax(logits_from_features(clip_params, image_features, class_features), -1).astype(jnp.int32)
+    def predict(clip_params, class_features, images):
+        image_features = module.apply({"params": clip_params}, images, method="encode_image")
+        return jnp.argmax(logits_from_features(clip_params, image_features, class_features), -1).astype(
+            jnp.int32
+        )
 
-  return predict
+    return predict
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation.
 
+
 def _gather(x) -> np.ndarray:
-  """A global jax.Array, or this host's numpy rows, as the whole array on every host (in process order)."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    """A global jax.Array, or this host's numpy rows, as the whole array on every host (in process order)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def predict_split(predict_jit, clip_params, class_features, batches, mesh) -> dict[str, np.ndarray]:
-  """Runs `predict` over an evaluation iterator; returns the real (unmasked) rows of
-  `pred`, `label`, `clean_label` and `id`."""
-  out: dict[str, list] = {k: [] for k in ("pred", "label", "clean_label", "id", "mask")}
-  for local in batches:
-    images = sharding.to_global({"image": local["image"]}, mesh)["image"]
-    out["pred"].append(_gather(predict_jit(clip_params, class_features, images)))
-    for k in ("label", "clean_label", "id", "mask"):
-      out[k].append(_gather(local[k]))
-  if not out["pred"]:
-    raise ValueError("evaluation split is empty")
-  cat = {k: np.concatenate(v) for k, v in out.items()}
-  keep = cat.pop("mask").astype(bool)
-  return {k: v[keep] for k, v in cat.items()}
+    """Runs `predict` over an evaluation iterator; returns the real (unmasked) rows of
+    `pred`, `label`, `clean_label` and `id`."""
+    out: dict[str, list] = {k: [] for k in ("pred", "label", "clean_label", "id", "mask")}
+    for local in batches:
+        images = sharding.to_global({"image": local["image"]}, mesh)["image"]
+        out["pred"].append(_gather(predict_jit(clip_params, class_features, images)))
+        for k in ("label", "clean_label", "id", "mask"):
+            out[k].append(_gather(local[k]))
+    if not out["pred"]:
+        raise ValueError("evaluation split is empty")
+    cat = {k: np.concatenate(v) for k, v in out.items()}
+    keep = cat.pop("mask").astype(bool)
+    return {k: v[keep] for k, v in cat.items()}
 
 
 def _true_labels(rows) -> np.ndarray:
-  """Evaluation targets: the clean label where known, else the split's own label."""
-  return np.where(rows["clean_label"] >= 0, rows["clean_label"], rows["label"])
+    """Evaluation targets: the clean label where known, else the split's own label."""
+    return np.where(rows["clean_label"] >= 0, rows["clean_label"], rows["label"])
 
 
 def _class_prompts(template: str, classnames) -> list[str]:
-  return [template.format(c.replace("_", " ")) for c in classnames]
+    return [template.format(c.replace("_", " ")) for c in classnames]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The run.
 
+
 def _write_json(path: str, obj) -> None:
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-  os.replace(tmp, path)
+    if jax.process_index() != 0:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    os.replace(tmp, path)
 
 
 def _format_eta(seconds: float) -> str:
-  seconds = int(max(0, seconds))
-  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _final_save(ckpt: checkpointing.Checkpointer, step: int, state: TrainState) -> None:
-  if ckpt.latest_step != step:
-    ckpt.save(step, state, force=True)
-  ckpt.close()
+    if ckpt.latest_step != step:
+        ckpt.save(step, state, force=True)
+    ckpt.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs zero-shot evaluation, prompt tuning and final evaluation; returns (and writes) the results."""
-  start_time = time.time()
-  validate_config(config)
-  from dspt_jax.data import pipeline  # TensorFlow lives there
+    """Runs zero-shot evaluation, prompt tuning and final evaluation; returns (and writes) the results."""
+    start_time = time.time()
+    validate_config(config)
+    from dspt_jax.data import pipeline  # TensorFlow lives there
 
-  os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
-  mesh = sharding.make_mesh()
-  n_dev = mesh.devices.size
-  sharding.check_batch_size(config.batch_size, mesh)
-  eval_batch_size = math.ceil(config.eval_batch_size / n_dev) * n_dev  # every device gets equal rows
-  pidx, pcount = jax.process_index(), jax.process_count()
+    mesh = sharding.make_mesh()
+    n_dev = mesh.devices.size
+    sharding.check_batch_size(config.batch_size, mesh)
+    eval_batch_size = math.ceil(config.eval_batch_size / n_dev) * n_dev  # every device gets equal rows
+    pidx, pcount = jax.process_index(), jax.process_count()
 
-  task = pipeline.load_task(data_config(config), workdir=workdir, process_index=pidx)
-  clip = load_clip(config.model.source, dtype=_DTYPES[config.model.compute_dtype])
-  if clip.config.vision.image_size != config.data.image_size:
-    raise ValueError(f"config.data.image_size={config.data.image_size} but the CLIP at "
-                     f"{config.model.source!r} takes {clip.config.vision.image_size} px images.")
-  module = clip.module
-  log.info("Task %s: %d classes, %d train / %d test examples; CLIP %s on %d device(s)", task.name,
-               task.num_classes, task.train_size, task.test_size, config.model.source, n_dev)
+    task = pipeline.load_task(data_config(config), workdir=workdir, process_index=pidx)
+    clip = load_clip(config.model.source, dtype=_DTYPES[config.model.compute_dtype])
+    if clip.config.vision.image_size != config.data.image_size:
+        raise ValueError(
+            f"config.data.image_size={config.data.image_size} but the CLIP at "
+            f"{config.model.source!r} takes {clip.config.vision.image_size} px images."
+        )
+    module = clip.module
+    log.info(
+        "Task %s: %d classes, %d train / %d test examples; CLIP %s on %d device(s)",
+        task.name,
+        task.num_classes,
+        task.train_size,
+        task.test_size,
+        config.model.source,
+        n_dev,
+    )
 
-  steps_per_epoch = pipeline.steps_per_epoch(task, config.batch_size)
-  total_steps = config.num_epochs * steps_per_epoch
-  if config.max_steps is not None:
-    total_steps = min(total_steps, config.max_steps)
+    steps_per_epoch = pipeline.steps_per_epoch(task, config.batch_size)
+    total_steps = config.num_epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
 
-  spec = prompt_lib.build_prompt_spec(task.classnames, config.prompt.n_ctx, config.prompt.class_token_position)
-  repl = sharding.replicated(mesh)
-  clip_params = jax.device_put(clip.params, repl)
-  frozen_embeds = jax.device_put(clip.token_embeddings(spec.token_ids), repl)
-  init_words = (prompt_lib.ctx_init_embeddings(clip, config.prompt.ctx_init, config.prompt.n_ctx)
-                if config.prompt.ctx_init else None)
-  prompt = prompt_lib.init_context(jax.random.key(config.seed), spec, clip.config.text.hidden_size,
-                                   csc=config.prompt.csc, init_embeddings=init_words)
-  loss_fn = losses.get_loss_fn(config.loss, gce_q=config.gce_q)
-  tx, schedule = make_optimizer(config, steps_per_epoch)
-  state = TrainState(step=jnp.zeros((), jnp.int32), prompt=prompt,
-                     opt_state=tx.init({"prompt": prompt, "clip": clip.params}),
-                     first_bad_step=jnp.full((), -1, jnp.int32))
-  state = jax.device_put(state, repl)
+    spec = prompt_lib.build_prompt_spec(
+        task.classnames, config.prompt.n_ctx, config.prompt.class_token_position
+    )
+    repl = sharding.replicated(mesh)
+    clip_params = jax.device_put(clip.params, repl)
+    frozen_embeds = jax.device_put(clip.token_embeddings(spec.token_ids), repl)
+    init_words = (
+        prompt_lib.ctx_init_embeddings(clip, config.prompt.ctx_init, config.prompt.n_ctx)
+        if config.prompt.ctx_init
+        else None
+    )
+    prompt = prompt_lib.init_context(
+        jax.random.key(config.seed),
+        spec,
+        clip.config.text.hidden_size,
+        csc=config.prompt.csc,
+        init_embeddings=init_words,
+    )
+    loss_fn = losses.get_loss_fn(config.loss, gce_q=config.gce_q)
+    tx, schedule = make_optimizer(config, steps_per_epoch)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        prompt=prompt,
+        opt_state=tx.init({"prompt": prompt, "clip": clip.params}),
+        first_bad_step=jnp.full((), -1, jnp.int32),
+    )
+    state = jax.device_put(state, repl)
 
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every_steps)
-  if ckpt.latest_step is not None:
-    state = ckpt.restore(state)
-    log.info("Resumed from %s at step %d", workdir, int(state.step))
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every_steps)
+    if ckpt.latest_step is not None:
+        state = ckpt.restore(state)
+        log.info("Resumed from %s at step %d", workdir, int(state.step))
 
-  predict_jit = jax.jit(make_predict_step(module), in_shardings=(repl, repl, sharding.batch_sharding(mesh)),
-                        out_shardings=sharding.batch_sharding(mesh))
-  text_jit = jax.jit(lambda cp, fe, pr: text_features(module, cp, fe, pr, spec), out_shardings=repl)
+    predict_jit = jax.jit(
+        make_predict_step(module),
+        in_shardings=(repl, repl, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.batch_sharding(mesh),
+    )
+    text_jit = jax.jit(lambda cp, fe, pr: text_features(module, cp, fe, pr, spec), out_shardings=repl)
 
-  def evaluate(class_features, split: str) -> dict:
-    rows = predict_split(predict_jit, clip_params, class_features,
-                         pipeline.eval_batches(task, split, global_batch_size=eval_batch_size,
-                                               process_index=pidx, process_count=pcount), mesh)
-    return rows
+    def evaluate(class_features, split: str) -> dict:
+        rows = predict_split(
+            predict_jit,
+            clip_params,
+            class_features,
+            pipeline.eval_batches(
+                task, split, global_batch_size=eval_batch_size, process_index=pidx, process_count=pcount
+            ),
+            mesh,
+        )
+        return rows
 
-  results_path = os.path.join(workdir, "results.json")
-  zero_shot_path = os.path.join(workdir, "zero_shot.json")
-  zero_shot = None
-  if config.zero_shot:
-    if os.path.exists(zero_shot_path):  # a resumed run: computed before the interruption
-      with open(zero_shot_path) as f:
-        zero_shot = json.load(f)
-    else:
-      t0 = time.time()
-      zs_features = jax.device_put(clip.encode_text(tok_lib.tokenize(_class_prompts(task.template,
-                                                                                     task.classnames))), repl)
-      rows = evaluate(zs_features, "test")
-      zero_shot = metrics.classification_metrics(_true_labels(rows), rows["pred"], task.num_classes)
-      zero_shot["template"] = task.template
-      _write_json(zero_shot_path, zero_shot)
-      log.info("Zero-shot CLIP (%r): test accuracy %.4f, macro-F1 %.4f (%.1fs)", task.template,
-                   zero_shot["accuracy"], zero_shot["macro_f1"], time.time() - t0)
+    results_path = os.path.join(workdir, "results.json")
+    zero_shot_path = os.path.join(workdir, "zero_shot.json")
+    zero_shot = None
+    if config.zero_shot:
+        if os.path.exists(zero_shot_path):  # a resumed run: computed before the interruption
+            with open(zero_shot_path) as f:
+                zero_shot = json.load(f)
+        else:
+            t0 = time.time()
+            zs_features = jax.device_put(
+                clip.encode_text(tok_lib.tokenize(_class_prompts(task.template, task.classnames))), repl
+            )
+            rows = evaluate(zs_features, "test")
+            zero_shot = metrics.classification_metrics(_true_labels(rows), rows["pred"], task.num_classes)
+            zero_shot["template"] = task.template
+            _write_json(zero_shot_path, zero_shot)
+            log.info(
+                "Zero-shot CLIP (%r): test accuracy %.4f, macro-F1 %.4f (%.1fs)",
+                task.template,
+                zero_shot["accuracy"],
+                zero_shot["macro_f1"],
+                time.time() - t0,
+            )
 
-  train_step = jax.jit(make_train_step(module, spec, loss_fn, tx),
-                       in_shardings=(repl, repl, repl, sharding.batch_sharding(mesh)),
-                       out_shardings=(repl, repl), donate_argnums=(0,))
-  writer = metrics.MetricWriter(workdir, enabled=pidx == 0)
-  step = int(state.step)
-  train_iter = pipeline.train_batches(task, global_batch_size=config.batch_size, seed=config.seed,
-                                      augment=config.data.augment, start_step=step,
-                                      process_index=pidx, process_count=pcount)
-  log.info("Training %d steps (%d per epoch, %d epochs), loss %s, from step %d", total_steps,
-               steps_per_epoch, config.num_epochs, config.loss, step)
-  epoch_evals = []
-  window, window_start, window_step = [], time.time(), step
-  try:
-    while step < total_steps:
-      batch = sharding.to_global(next(train_iter), mesh)
-      state, step_metrics = train_step(state, clip_params, frozen_embeds, batch)
-      step += 1
-      window.append(step_metrics)
-      last = step == total_steps
-      if step % config.log_every_steps == 0 or last:
-        bad = int(state.first_bad_step)  # the only host sync of the loop
-        if bad >= 0:
-          raise FloatingPointError(
-              f"Non-finite loss at step {bad} (loss={config.loss}, compute_dtype={config.model.compute_dtype}). "
-              "Try compute_dtype=float32 or a lower config.optim.lr; the last checkpoint is in "
-              f"{workdir}/checkpoints.")
-        host = jax.device_get(window)
-        elapsed = time.time() - window_start
-        rate = (step - window_step) / max(elapsed, 1e-9)
-        scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        scalars.update(lr=float(schedule(step - 1)), steps_per_sec=rate, epoch=(step - 1) // steps_per_epoch)
-        writer.write(step, scalars)
-        log.info("step %d/%d  epoch %d/%d  loss %.4f  train_acc %.3f  lr %.2e  %.2f steps/s  ETA %s",
-                     step, total_steps, scalars["epoch"] + 1, config.num_epochs, scalars["loss"],
-                     scalars["train_accuracy"], scalars["lr"], rate, _format_eta((total_steps - step) / rate))
-        window, window_start, window_step = [], time.time(), step
-      ckpt.save(step, state)
-      if (config.eval_every_epochs and step % (steps_per_epoch * config.eval_every_epochs) == 0 and not last):
-        rows = evaluate(text_jit(clip_params, frozen_embeds, state.prompt), "test")
-        acc = metrics.classification_metrics(_true_labels(rows), rows["pred"], task.num_classes)["accuracy"]
-        epoch_evals.append({"step": step, "epoch": step // steps_per_epoch, "test_accuracy": acc})
-        writer.write(step, {"test_accuracy": acc})
-        log.info("epoch %d: test accuracy %.4f", step // steps_per_epoch, acc)
-  except KeyboardInterrupt:
+    train_step = jax.jit(
+        make_train_step(module, spec, loss_fn, tx),
+        in_shardings=(repl, repl, repl, sharding.batch_sharding(mesh)),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),
+    )
+    writer = metrics.MetricWriter(workdir, enabled=pidx == 0)
+    step = int(state.step)
+    train_iter = pipeline.train_batches(
+        task,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        augment=config.data.augment,
+        start_step=step,
+        process_index=pidx,
+        process_count=pcount,
+    )
+    log.info(
+        "Training %d steps (%d per epoch, %d epochs), loss %s, from step %d",
+        total_steps,
+        steps_per_epoch,
+        config.num_epochs,
+        config.loss,
+        step,
+    )
+    epoch_evals = []
+    window, window_start, window_step = [], time.time(), step
+    try:
+        while step < total_steps:
+            batch = sharding.to_global(next(train_iter), mesh)
+            state, step_metrics = train_step(state, clip_params, frozen_embeds, batch)
+            step += 1
+            window.append(step_metrics)
+            last = step == total_steps
+            if step % config.log_every_steps == 0 or last:
+                bad = int(state.first_bad_step)  # the only host sync of the loop
+                if bad >= 0:
+                    raise FloatingPointError(
+                        f"Non-finite loss at step {bad} (loss={config.loss}, compute_dtype={config.model.compute_dtype}). "
+                        "Try compute_dtype=float32 or a lower config.optim.lr; the last checkpoint is in "
+                        f"{workdir}/checkpoints."
+                    )
+                host = jax.device_get(window)
+                elapsed = time.time() - window_start
+                rate = (step - window_step) / max(elapsed, 1e-9)
+                scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                scalars.update(
+                    lr=float(schedule(step - 1)), steps_per_sec=rate, epoch=(step - 1) // steps_per_epoch
+                )
+                writer.write(step, scalars)
+                log.info(
+                    "step %d/%d  epoch %d/%d  loss %.4f  train_acc %.3f  lr %.2e  %.2f steps/s  ETA %s",
+                    step,
+                    total_steps,
+                    scalars["epoch"] + 1,
+                    config.num_epochs,
+                    scalars["loss"],
+                    scalars["train_accuracy"],
+                    scalars["lr"],
+                    rate,
+                    _format_eta((total_steps - step) / rate),
+                )
+                window, window_start, window_step = [], time.time(), step
+            ckpt.save(step, state)
+            if (
+                config.eval_every_epochs
+                and step % (steps_per_epoch * config.eval_every_epochs) == 0
+                and not last
+            ):
+                rows = evaluate(text_jit(clip_params, frozen_embeds, state.prompt), "test")
+                acc = metrics.classification_metrics(_true_labels(rows), rows["pred"], task.num_classes)[
+                    "accuracy"
+                ]
+                epoch_evals.append({"step": step, "epoch": step // steps_per_epoch, "test_accuracy": acc})
+                writer.write(step, {"test_accuracy": acc})
+                log.info("epoch %d: test accuracy %.4f", step // steps_per_epoch, acc)
+    except KeyboardInterrupt:
+        _final_save(ckpt, step, state)
+        log.warning("Interrupted at step %d; checkpoint saved, rerun with the same workdir to resume.", step)
+        raise
     _final_save(ckpt, step, state)
-    log.warning("Interrupted at step %d; checkpoint saved, rerun with the same workdir to resume.", step)
-    raise
-  _final_save(ckpt, step, state)
-  writer.close()
+    writer.close()
 
-  if pidx == 0:  # the learned prompt, reusable without orbax
-    np.savez(os.path.join(workdir, "prompt.npz"), ctx=np.asarray(jax.device_get(state.prompt["ctx"])),
-             classnames=np.asarray(task.classnames), token_ids=spec.token_ids, ctx_positions=spec.ctx_positions,
-             eot_index=spec.eot_index)
-  class_features = text_jit(clip_params, frozen_embeds, state.prompt)
-  rows = evaluate(class_features, "test")
-  final = metrics.classification_metrics(_true_labels(rows), rows["pred"], task.num_classes)
-  log.info("Tuned prompt (%s): test accuracy %.4f, macro-F1 %.4f", config.loss, final["accuracy"],
-               final["macro_f1"])
-  train_diag = None
-  if config.eval_train:
-    rows = evaluate(class_features, "train")
-    flipped = (rows["clean_label"] >= 0) & (rows["label"] != rows["clean_label"])
-    train_diag = metrics.train_set_diagnostics(rows["pred"], rows["label"], rows["clean_label"], flipped)
-    log.info("Training set: clean-label accuracy %s, flipped examples fitted %d/%d",
-                 train_diag["accuracy_clean_labels"], train_diag["fitted_flipped"], train_diag["num_flipped"])
+    if pidx == 0:  # the learned prompt, reusable without orbax
+        np.savez(
+            os.path.join(workdir, "prompt.npz"),
+            ctx=np.asarray(jax.device_get(state.prompt["ctx"])),
+            classnames=np.asarray(task.classnames),
+            token_ids=spec.token_ids,
+            ctx_positions=spec.ctx_positions,
+            eot_index=spec.eot_index,
+        )
+    class_features = text_jit(clip_params, frozen_embeds, state.prompt)
+    rows = evaluate(class_features, "test")
+    final = metrics.classification_metrics(_true_labels(rows), rows["pred"], task.num_classes)
+    log.info(
+        "Tuned prompt (%s): test accuracy %.4f, macro-F1 %.4f",
+        config.loss,
+        final["accuracy"],
+        final["macro_f1"],
+    )
+    train_diag = None
+    if config.eval_train:
+        rows = evaluate(class_features, "train")
+        flipped = (rows["clean_label"] >= 0) & (rows["label"] != rows["clean_label"])
+        train_diag = metrics.train_set_diagnostics(rows["pred"], rows["label"], rows["clean_label"], flipped)
+        log.info(
+            "Training set: clean-label accuracy %s, flipped examples fitted %d/%d",
+            train_diag["accuracy_clean_labels"],
+            train_diag["fitted_flipped"],
+            train_diag["num_flipped"],
+        )
 
-  results = {
-      "dataset": task.name,
-      "num_classes": task.num_classes,
-      "shots": config.data.shots,
-      "loss": config.loss,
-      "gce_q": config.gce_q if config.loss == "gce" else None,
-      "noise": {"kind": config.noise.kind, "rate": config.noise.rate, "num_flips": config.noise.num_flips,
-                "record": getattr(task, "record_path", None)},
-      "seed": config.seed,
-      "model": config.model.source,
-      "prompt": config.prompt.to_dict(),
-      "steps": step,
-      "epochs": config.num_epochs,
-      "zero_shot": zero_shot,
-      "final": final,
-      "epoch_evals": epoch_evals,
-      "train": train_diag,
-      "wall_time_s": time.time() - start_time,
-  }
-  _write_json(results_path, results)
-  return results
+    results = {
+        "dataset": task.name,
+        "num_classes": task.num_classes,
+        "shots": config.data.shots,
+        "loss": config.loss,
+        "gce_q": config.gce_q if config.loss == "gce" else None,
+        "noise": {
+            "kind": config.noise.kind,
+            "rate": config.noise.rate,
+            "num_flips": config.noise.num_flips,
+            "record": getattr(task, "record_path", None),
+        },
+        "seed": config.seed,
+        "model": config.model.source,
+        "prompt": config.prompt.to_dict(),
+        "steps": step,
+        "epochs": config.num_epochs,
+        "zero_shot": zero_shot,
+        "final": final,
+        "epoch_evals": epoch_evals,
+        "train": train_diag,
+        "wall_time_s": time.time() - start_time,
+    }
+    _write_json(results_path, results)
+    return results

@@ -15,79 +15,94 @@ WORDS = "a blurry photo of"  # 4 tokens
 
 @pytest.fixture(scope="module")
 def clip():
-  cfg = CLIPConfig(
-      text=TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
-      vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                          image_size=16, patch_size=8),
-      projection_dim=16)
-  model = init_clip(cfg, rng=0)
-  rng = np.random.default_rng(0)
-  # Weights at a scale where tokens interact (the default 0.02 init makes positions nearly independent).
-  model.params = jax.tree_util.tree_map_with_path(
-      lambda path, x: x if path[-1].key == "logit_scale" else
-      (rng.normal(size=x.shape) / np.sqrt(x.shape[0] if x.ndim > 1 else 4)).astype(np.float32), model.params)
-  return model
+    cfg = CLIPConfig(
+        text=TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        vision=VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    model = init_clip(cfg, rng=0)
+    rng = np.random.default_rng(0)
+    # Weights at a scale where tokens interact (the default 0.02 init makes positions nearly independent).
+    model.params = jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            x
+            if path[-1].key == "logit_scale"
+            else (rng.normal(size=x.shape) / np.sqrt(x.shape[0] if x.ndim > 1 else 4)).astype(np.float32)
+        ),
+        model.params,
+    )
+    return model
 
 
-@pytest.mark.parametrize("position,sentence", [
-    ("end", "{w} {c}."),
-    ("front", "{c} {w}."),
-    ("middle", "a blurry {c} photo of."),
-])
+@pytest.mark.parametrize(
+    "position,sentence",
+    [
+        ("end", "{w} {c}."),
+        ("front", "{c} {w}."),
+        ("middle", "a blurry {c} photo of."),
+    ],
+)
 def test_context_of_real_words_equals_the_sentence(clip, position, sentence):
-  spec = prompt_lib.build_prompt_spec(CLASSNAMES, n_ctx=4, class_token_position=position)
-  words = prompt_lib.ctx_init_embeddings(clip, WORDS, n_ctx=4)
-  prompt = prompt_lib.init_context(jax.random.key(0), spec, 32, init_embeddings=words)
-  frozen = clip.token_embeddings(spec.token_ids)
-  embeds = prompt_lib.assemble(frozen, prompt["ctx"], spec.ctx_positions)
-  got = clip.encode_text_embeddings(embeds, spec.eot_index)
-  want = clip.encode_text(tokenize([sentence.format(w=WORDS, c=c.replace("_", " ")) for c in CLASSNAMES]))
-  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
-  # The spec is already cut after the longest prompt, and every row ends at its end-of-text token.
-  assert spec.token_ids.shape[1] == spec.eot_index.max() + 1
-  assert (spec.token_ids[np.arange(len(CLASSNAMES)), spec.eot_index] == 49407).all()
+    spec = prompt_lib.build_prompt_spec(CLASSNAMES, n_ctx=4, class_token_position=position)
+    words = prompt_lib.ctx_init_embeddings(clip, WORDS, n_ctx=4)
+    prompt = prompt_lib.init_context(jax.random.key(0), spec, 32, init_embeddings=words)
+    frozen = clip.token_embeddings(spec.token_ids)
+    embeds = prompt_lib.assemble(frozen, prompt["ctx"], spec.ctx_positions)
+    got = clip.encode_text_embeddings(embeds, spec.eot_index)
+    want = clip.encode_text(tokenize([sentence.format(w=WORDS, c=c.replace("_", " ")) for c in CLASSNAMES]))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    # The spec is already cut after the longest prompt, and every row ends at its end-of-text token.
+    assert spec.token_ids.shape[1] == spec.eot_index.max() + 1
+    assert (spec.token_ids[np.arange(len(CLASSNAMES)), spec.eot_index] == 49407).all()
 
 
 def test_ctx_positions_per_class_token_position():
-  # "cat" is one token, "sea lion" two.
-  end = prompt_lib.build_prompt_spec(["cat", "sea lion"], n_ctx=3, class_token_position="end")
-  np.testing.assert_array_equal(end.ctx_positions, [[1, 2, 3], [1, 2, 3]])
-  front = prompt_lib.build_prompt_spec(["cat", "sea lion"], n_ctx=3, class_token_position="front")
-  np.testing.assert_array_equal(front.ctx_positions, [[2, 3, 4], [3, 4, 5]])
-  middle = prompt_lib.build_prompt_spec(["cat", "sea lion"], n_ctx=3, class_token_position="middle")
-  np.testing.assert_array_equal(middle.ctx_positions, [[1, 3, 4], [1, 4, 5]])
-  np.testing.assert_array_equal(end.eot_index, [6, 7])  # sot + 3 ctx + name + "." + eot
+    # "cat" is one token, "sea lion" two.
+    end = prompt_lib.build_prompt_spec(["cat", "sea lion"], n_ctx=3, class_token_position="end")
+    np.testing.assert_array_equal(end.ctx_positions, [[1, 2, 3], [1, 2, 3]])
+    front = prompt_lib.build_prompt_spec(["cat", "sea lion"], n_ctx=3, class_token_position="front")
+    np.testing.assert_array_equal(front.ctx_positions, [[2, 3, 4], [3, 4, 5]])
+    middle = prompt_lib.build_prompt_spec(["cat", "sea lion"], n_ctx=3, class_token_position="middle")
+    np.testing.assert_array_equal(middle.ctx_positions, [[1, 3, 4], [1, 4, 5]])
+    np.testing.assert_array_equal(end.eot_index, [6, 7])  # sot + 3 ctx + name + "." + eot
 
 
 def test_assemble_matches_a_per_class_loop():
-  rng = np.random.default_rng(1)
-  spec = prompt_lib.build_prompt_spec(["cat", "sea lion", "x"], n_ctx=5, class_token_position="middle")
-  frozen = rng.normal(size=spec.token_ids.shape + (8,)).astype(np.float32)
-  for ctx in (rng.normal(size=(5, 8)), rng.normal(size=(3, 5, 8))):  # shared and class-specific
-    ctx = ctx.astype(np.float32)
-    want = frozen.copy()
-    for k in range(3):
-      want[k, spec.ctx_positions[k]] = ctx if ctx.ndim == 2 else ctx[k]
-    np.testing.assert_array_equal(prompt_lib.assemble(frozen, ctx, spec.ctx_positions), want)
+    rng = np.random.default_rng(1)
+    spec = prompt_lib.build_prompt_spec(["cat", "sea lion", "x"], n_ctx=5, class_token_position="middle")
+    frozen = rng.normal(size=spec.token_ids.shape + (8,)).astype(np.float32)
+    for ctx in (rng.normal(size=(5, 8)), rng.normal(size=(3, 5, 8))):  # shared and class-specific
+        ctx = ctx.astype(np.float32)
+        want = frozen.copy()
+        for k in range(3):
+            want[k, spec.ctx_positions[k]] = ctx if ctx.ndim == 2 else ctx[k]
+        np.testing.assert_array_equal(prompt_lib.assemble(frozen, ctx, spec.ctx_positions), want)
 
 
 def test_init_context_shapes_and_word_init(clip):
-  spec = prompt_lib.build_prompt_spec(CLASSNAMES, n_ctx=6)
-  shared = prompt_lib.init_context(jax.random.key(0), spec, 32)["ctx"]
-  assert shared.shape == (6, 32)
-  assert 0.01 < float(jnp.std(shared)) < 0.03  # N(0, 0.02) as CoOp
-  words = prompt_lib.ctx_init_embeddings(clip, WORDS, n_ctx=6)
-  csc = prompt_lib.init_context(jax.random.key(0), spec, 32, csc=True, init_embeddings=words)["ctx"]
-  assert csc.shape == (len(CLASSNAMES), 6, 32)
-  np.testing.assert_array_equal(csc[:, 2:], np.broadcast_to(words, (len(CLASSNAMES), 4, 32)))
+    spec = prompt_lib.build_prompt_spec(CLASSNAMES, n_ctx=6)
+    shared = prompt_lib.init_context(jax.random.key(0), spec, 32)["ctx"]
+    assert shared.shape == (6, 32)
+    assert 0.01 < float(jnp.std(shared)) < 0.03  # N(0, 0.02) as CoOp
+    words = prompt_lib.ctx_init_embeddings(clip, WORDS, n_ctx=6)
+    csc = prompt_lib.init_context(jax.random.key(0), spec, 32, csc=True, init_embeddings=words)["ctx"]
+    assert csc.shape == (len(CLASSNAMES), 6, 32)
+    np.testing.assert_array_equal(csc[:, 2:], np.broadcast_to(words, (len(CLASSNAMES), 4, 32)))
 
 
 def test_bad_settings_fail_clearly(clip):
-  with pytest.raises(ValueError, match="n_ctx must be >= 1"):
-    prompt_lib.build_prompt_spec(CLASSNAMES, n_ctx=0)
-  with pytest.raises(ValueError, match="class_token_position"):
-    prompt_lib.build_prompt_spec(CLASSNAMES, class_token_position="start")
-  with pytest.raises(ValueError, match="4 tokens but n_ctx=3"):
-    prompt_lib.ctx_init_embeddings(clip, WORDS, n_ctx=3)
-  with pytest.raises(ValueError, match="needs 79 tokens"):
-    prompt_lib.build_prompt_spec(["word " * 60], n_ctx=16)
+    with pytest.raises(ValueError, match="n_ctx must be >= 1"):
+        prompt_lib.build_prompt_spec(CLASSNAMES, n_ctx=0)
+    with pytest.raises(ValueError, match="class_token_position"):
+        prompt_lib.build_prompt_spec(CLASSNAMES, class_token_position="start")
+    with pytest.raises(ValueError, match="4 tokens but n_ctx=3"):
+        prompt_lib.ctx_init_embeddings(clip, WORDS, n_ctx=3)
+    with pytest.raises(ValueError, match="needs 79 tokens"):
+        prompt_lib.build_prompt_spec(["word " * 60], n_ctx=16)

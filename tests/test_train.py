@@ -21,221 +21,259 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def smoke_config(**overrides):
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  try:
-    import smoke
-  finally:
-    sys.path.pop(0)
-  config = smoke.get_config()
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return config
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    try:
+        import smoke
+    finally:
+        sys.path.pop(0)
+    config = smoke.get_config()
+    for key, value in overrides.items():
+        node = config
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    return config
 
 
 def read_jsonl(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f]
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Step level.
 
+
 def _step_setup(loss="dspt", warmup_epochs=0):
-  config = smoke_config(loss=loss, **{"optim.warmup_epochs": warmup_epochs})
-  clip = load_clip("random:tiny")
-  spec = prompt_lib.build_prompt_spec(toy.classnames(4), n_ctx=4)
-  prompt = prompt_lib.init_context(jax.random.key(0), spec, clip.config.text.hidden_size)
-  tx, schedule = train.make_optimizer(config, steps_per_epoch=5)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), prompt=prompt,
-                           opt_state=tx.init({"prompt": prompt, "clip": clip.params}),
-                           first_bad_step=jnp.full((), -1, jnp.int32))
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.normal(size=(6, 32, 32, 3)).astype(np.float32),
-           "label": np.array([0, 1, 2, 3, 0, 1], np.int32),
-           "mask": np.array([1, 1, 1, 1, 1, 0], bool)}  # the last row is padding
-  frozen = clip.token_embeddings(spec.token_ids)
-  step = jax.jit(train.make_train_step(clip.module, spec, losses.get_loss_fn(loss), tx), donate_argnums=0)
-  return config, clip, spec, state, batch, frozen, step, schedule
+    config = smoke_config(loss=loss, **{"optim.warmup_epochs": warmup_epochs})
+    clip = load_clip("random:tiny")
+    spec = prompt_lib.build_prompt_spec(toy.classnames(4), n_ctx=4)
+    prompt = prompt_lib.init_context(jax.random.key(0), spec, clip.config.text.hidden_size)
+    tx, schedule = train.make_optimizer(config, steps_per_epoch=5)
+    state = train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        prompt=prompt,
+        opt_state=tx.init({"prompt": prompt, "clip": clip.params}),
+        first_bad_step=jnp.full((), -1, jnp.int32),
+    )
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(6, 32, 32, 3)).astype(np.float32),
+        "label": np.array([0, 1, 2, 3, 0, 1], np.int32),
+        "mask": np.array([1, 1, 1, 1, 1, 0], bool),
+    }  # the last row is padding
+    frozen = clip.token_embeddings(spec.token_ids)
+    step = jax.jit(train.make_train_step(clip.module, spec, losses.get_loss_fn(loss), tx), donate_argnums=0)
+    return config, clip, spec, state, batch, frozen, step, schedule
 
 
 def test_train_step_is_sgd_on_the_prompt_only():
-  config, clip, spec, state, batch, frozen, step, schedule = _step_setup()
-  ctx0 = np.array(state.prompt["ctx"])
-  clip_before = jax.tree.map(np.array, clip.params)
-  # CLIP has no optimizer state: the leaves are the prompt's momentum trace and the schedule's step count.
-  shapes = sorted(x.shape for x in jax.tree.leaves(state.opt_state))
-  assert shapes == [(), ctx0.shape]
+    config, clip, spec, state, batch, frozen, step, schedule = _step_setup()
+    ctx0 = np.array(state.prompt["ctx"])
+    clip_before = jax.tree.map(np.array, clip.params)
+    # CLIP has no optimizer state: the leaves are the prompt's momentum trace and the schedule's step count.
+    shapes = sorted(x.shape for x in jax.tree.leaves(state.opt_state))
+    assert shapes == [(), ctx0.shape]
 
-  # Reference gradient of the masked mean DSPT loss, from the model's public entry points.
-  def reference_loss(ctx):
-    emb = prompt_lib.assemble(frozen, ctx, spec.ctx_positions)
-    txt = clip.module.apply({"params": clip.params}, emb, spec.eot_index, method="encode_text_embeddings")
-    img = clip.module.apply({"params": clip.params}, batch["image"], method="encode_image")
-    img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
-    txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
-    logits = jnp.exp(clip.params["logit_scale"]) * img @ txt.T
-    per_example = losses.double_softmax_cross_entropy(logits, batch["label"])
-    return jnp.sum(per_example * batch["mask"]) / batch["mask"].sum()
+    # Reference gradient of the masked mean DSPT loss, from the model's public entry points.
+    def reference_loss(ctx):
+        emb = prompt_lib.assemble(frozen, ctx, spec.ctx_positions)
+        txt = clip.module.apply({"params": clip.params}, emb, spec.eot_index, method="encode_text_embeddings")
+        img = clip.module.apply({"params": clip.params}, batch["image"], method="encode_image")
+        img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
+        txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
+        logits = jnp.exp(clip.params["logit_scale"]) * img @ txt.T
+        per_example = losses.double_softmax_cross_entropy(logits, batch["label"])
+        return jnp.sum(per_example * batch["mask"]) / batch["mask"].sum()
 
-  grad = np.asarray(jax.jit(jax.grad(reference_loss))(jnp.asarray(ctx0)))
-  new_state, step_metrics = step(state, clip.params, frozen, batch)
+    grad = np.asarray(jax.jit(jax.grad(reference_loss))(jnp.asarray(ctx0)))
+    new_state, step_metrics = step(state, clip.params, frozen, batch)
 
-  lr = 0.002  # epoch 0 without warmup: cosine at its start
-  assert float(schedule(0)) == pytest.approx(lr)
-  expected = ctx0 - lr * (grad + config.optim.weight_decay * ctx0)  # first SGD step: momentum trace = g
-  np.testing.assert_allclose(new_state.prompt["ctx"], expected, rtol=1e-5, atol=1e-9)
-  assert not np.allclose(new_state.prompt["ctx"], ctx0)
-  assert float(step_metrics["loss"]) == pytest.approx(float(reference_loss(jnp.asarray(ctx0))), rel=1e-5)
-  assert int(new_state.step) == 1 and int(new_state.first_bad_step) == -1
-  # CLIP bit-identical.
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, clip.params), clip_before)
+    lr = 0.002  # epoch 0 without warmup: cosine at its start
+    assert float(schedule(0)) == pytest.approx(lr)
+    expected = ctx0 - lr * (grad + config.optim.weight_decay * ctx0)  # first SGD step: momentum trace = g
+    np.testing.assert_allclose(new_state.prompt["ctx"], expected, rtol=1e-5, atol=1e-9)
+    assert not np.allclose(new_state.prompt["ctx"], ctx0)
+    assert float(step_metrics["loss"]) == pytest.approx(float(reference_loss(jnp.asarray(ctx0))), rel=1e-5)
+    assert int(new_state.step) == 1 and int(new_state.first_bad_step) == -1
+    # CLIP bit-identical.
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, clip.params), clip_before)
 
 
 def test_nonfinite_loss_is_recorded_with_its_step():
-  _, clip, spec, state, batch, frozen, _, _ = _step_setup()
-  tx, _ = train.make_optimizer(smoke_config(), steps_per_epoch=5)
-  nan_loss = lambda logits, labels: jnp.full(labels.shape, jnp.nan)
-  step = jax.jit(train.make_train_step(clip.module, spec, nan_loss, tx))
-  state, _ = step(state, clip.params, frozen, batch)
-  state, _ = step(state, clip.params, frozen, batch)
-  assert int(state.first_bad_step) == 0 and int(state.step) == 2
+    _, clip, spec, state, batch, frozen, _, _ = _step_setup()
+    tx, _ = train.make_optimizer(smoke_config(), steps_per_epoch=5)
+    nan_loss = lambda logits, labels: jnp.full(labels.shape, jnp.nan)
+    step = jax.jit(train.make_train_step(clip.module, spec, nan_loss, tx))
+    state, _ = step(state, clip.params, frozen, batch)
+    state, _ = step(state, clip.params, frozen, batch)
+    assert int(state.first_bad_step) == 0 and int(state.step) == 2
 
 
 def test_coop_schedule():
-  config = default_config()
-  schedule = train.coop_lr_schedule(config.optim, num_epochs=200, steps_per_epoch=10)
-  assert float(schedule(0)) == pytest.approx(1e-5)
-  assert float(schedule(9)) == pytest.approx(1e-5)
-  assert float(schedule(10)) == pytest.approx(0.5 * 0.002 * (1 + np.cos(np.pi / 200)))
-  assert float(schedule(1999)) == pytest.approx(0.5 * 0.002 * (1 + np.cos(np.pi * 199 / 200)), rel=1e-3)
+    config = default_config()
+    schedule = train.coop_lr_schedule(config.optim, num_epochs=200, steps_per_epoch=10)
+    assert float(schedule(0)) == pytest.approx(1e-5)
+    assert float(schedule(9)) == pytest.approx(1e-5)
+    assert float(schedule(10)) == pytest.approx(0.5 * 0.002 * (1 + np.cos(np.pi / 200)))
+    assert float(schedule(1999)) == pytest.approx(0.5 * 0.002 * (1 + np.cos(np.pi * 199 / 200)), rel=1e-3)
 
 
 def test_classification_metrics_by_hand():
-  labels = np.array([0, 0, 1, 1, 2, 2])
-  preds = np.array([0, 1, 1, 1, 0, 2])
-  m = metrics.classification_metrics(labels, preds, num_classes=4)  # class 3 absent everywhere
-  assert m["accuracy"] == pytest.approx(4 / 6)
-  # F1: class 0: p=1/2 r=1/2 -> 1/2; class 1: p=2/3 r=1 -> 4/5; class 2: p=1 r=1/2 -> 2/3.
-  assert m["macro_f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
-  assert m["per_class_accuracy"] == [0.5, 1.0, 0.5, None]
-  d = metrics.train_set_diagnostics(preds=[0, 1, 2, 2], noisy=[0, 1, 2, 0], clean=[0, 2, 2, 2],
-                                    flipped=[False, True, False, True])
-  assert d["fitted_flipped"] == 1 and d["corrected_flipped"] == 1 and d["accuracy_clean_labels"] == 0.75
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    preds = np.array([0, 1, 1, 1, 0, 2])
+    m = metrics.classification_metrics(labels, preds, num_classes=4)  # class 3 absent everywhere
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # F1: class 0: p=1/2 r=1/2 -> 1/2; class 1: p=2/3 r=1 -> 4/5; class 2: p=1 r=1/2 -> 2/3.
+    assert m["macro_f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
+    assert m["per_class_accuracy"] == [0.5, 1.0, 0.5, None]
+    d = metrics.train_set_diagnostics(
+        preds=[0, 1, 2, 2], noisy=[0, 1, 2, 0], clean=[0, 2, 2, 2], flipped=[False, True, False, True]
+    )
+    assert d["fitted_flipped"] == 1 and d["corrected_flipped"] == 1 and d["accuracy_clean_labels"] == 0.75
 
 
 # ---------------------------------------------------------------------------------------------------------
 # End to end.
 
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("straight"))
-  start = time.time()
-  results = train.train_and_evaluate(smoke_config(), workdir)
-  return workdir, results, time.time() - start
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    start = time.time()
+    results = train.train_and_evaluate(smoke_config(), workdir)
+    return workdir, results, time.time() - start
 
 
 def test_smoke_run_outputs(straight_run):
-  workdir, results, _ = straight_run
-  on_disk = json.load(open(os.path.join(workdir, "results.json")))
-  assert on_disk["final"] == results["final"]
-  for field in ("zero_shot", "final", "train", "loss", "noise", "seed", "wall_time_s", "dataset", "steps"):
-    assert field in on_disk, field
-  assert on_disk["loss"] == "dspt" and on_disk["seed"] == 1 and on_disk["steps"] == 12
-  assert on_disk["noise"]["kind"] == "sym" and on_disk["noise"]["rate"] == 0.25
-  assert on_disk["final"]["num_examples"] == 40  # every test example, once
-  assert len(on_disk["final"]["per_class_accuracy"]) == 4
-  assert on_disk["train"]["num_examples"] == 32 and on_disk["train"]["num_flipped"] == 8  # int(0.25 * 32)
-  assert json.load(open(os.path.join(workdir, "config.json")))["loss"] == "dspt"
-  lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  assert [l["step"] for l in lines] == [2, 4, 6, 8, 10, 12]
-  assert all({"loss", "lr", "steps_per_sec"} <= set(l) for l in lines)
-  assert os.listdir(os.path.join(workdir, "tensorboard"))
-  record = os.listdir(os.path.join(workdir, "noise"))
-  assert len(record) == 1 and record[0].startswith("toy_train_8shot_sym_r0.250_seed1")
-  # Checkpoints hold the prompt, optimizer state and step only: kilobytes.
-  ckpt_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(workdir, "checkpoints"))
-                   for f in fs)
-  assert ckpt_bytes < 200_000
-  # The prompt moved away from its initialisation.
-  spec = prompt_lib.build_prompt_spec(toy.classnames(4), n_ctx=4)
-  init = prompt_lib.init_context(jax.random.key(1), spec, 32)["ctx"]
-  ctx = np.load(os.path.join(workdir, "prompt.npz"))["ctx"]
-  assert ctx.shape == init.shape and not np.allclose(ctx, init)
+    workdir, results, _ = straight_run
+    on_disk = json.load(open(os.path.join(workdir, "results.json")))
+    assert on_disk["final"] == results["final"]
+    for field in ("zero_shot", "final", "train", "loss", "noise", "seed", "wall_time_s", "dataset", "steps"):
+        assert field in on_disk, field
+    assert on_disk["loss"] == "dspt" and on_disk["seed"] == 1 and on_disk["steps"] == 12
+    assert on_disk["noise"]["kind"] == "sym" and on_disk["noise"]["rate"] == 0.25
+    assert on_disk["final"]["num_examples"] == 40  # every test example, once
+    assert len(on_disk["final"]["per_class_accuracy"]) == 4
+    assert on_disk["train"]["num_examples"] == 32 and on_disk["train"]["num_flipped"] == 8  # int(0.25 * 32)
+    assert json.load(open(os.path.join(workdir, "config.json")))["loss"] == "dspt"
+    lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [l["step"] for l in lines] == [2, 4, 6, 8, 10, 12]
+    assert all({"loss", "lr", "steps_per_sec"} <= set(l) for l in lines)
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    record = os.listdir(os.path.join(workdir, "noise"))
+    assert len(record) == 1 and record[0].startswith("toy_train_8shot_sym_r0.250_seed1")
+    # Checkpoints hold the prompt, optimizer state and step only: kilobytes.
+    ckpt_bytes = sum(
+        os.path.getsize(os.path.join(d, f))
+        for d, _, fs in os.walk(os.path.join(workdir, "checkpoints"))
+        for f in fs
+    )
+    assert ckpt_bytes < 200_000
+    # The prompt moved away from its initialisation.
+    spec = prompt_lib.build_prompt_spec(toy.classnames(4), n_ctx=4)
+    init = prompt_lib.init_context(jax.random.key(1), spec, 32)["ctx"]
+    ctx = np.load(os.path.join(workdir, "prompt.npz"))["ctx"]
+    assert ctx.shape == init.shape and not np.allclose(ctx, init)
 
 
 def test_resume_reaches_the_same_prompt(straight_run, tmp_path):
-  straight_dir, _, _ = straight_run
-  workdir = str(tmp_path / "resumed")
-  first = train.train_and_evaluate(smoke_config(max_steps=6), workdir)  # "interrupted" at step 6
-  assert first["steps"] == 6
-  resumed = train.train_and_evaluate(smoke_config(), workdir)
-  assert resumed["steps"] == 12
-  np.testing.assert_allclose(np.load(os.path.join(workdir, "prompt.npz"))["ctx"],
-                             np.load(os.path.join(straight_dir, "prompt.npz"))["ctx"], rtol=1e-5, atol=1e-7)
-  straight = {l["step"]: l["loss"] for l in read_jsonl(os.path.join(straight_dir, "metrics.jsonl"))}
-  for line in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
-    assert line["loss"] == pytest.approx(straight[line["step"]], rel=1e-5)
-  assert resumed["final"]["accuracy"] == pytest.approx(json.load(
-      open(os.path.join(straight_dir, "results.json")))["final"]["accuracy"])
+    straight_dir, _, _ = straight_run
+    workdir = str(tmp_path / "resumed")
+    first = train.train_and_evaluate(smoke_config(max_steps=6), workdir)  # "interrupted" at step 6
+    assert first["steps"] == 6
+    resumed = train.train_and_evaluate(smoke_config(), workdir)
+    assert resumed["steps"] == 12
+    np.testing.assert_allclose(
+        np.load(os.path.join(workdir, "prompt.npz"))["ctx"],
+        np.load(os.path.join(straight_dir, "prompt.npz"))["ctx"],
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    straight = {l["step"]: l["loss"] for l in read_jsonl(os.path.join(straight_dir, "metrics.jsonl"))}
+    for line in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
+        assert line["loss"] == pytest.approx(straight[line["step"]], rel=1e-5)
+    assert resumed["final"]["accuracy"] == pytest.approx(
+        json.load(open(os.path.join(straight_dir, "results.json")))["final"]["accuracy"]
+    )
 
 
 @pytest.mark.parametrize("loss", ["ce", "dspt", "gce", "mae"])
 def test_every_loss_trains_on_a_separable_problem(tmp_path, loss):
-  config = smoke_config(loss=loss, **{
-      "noise.kind": "none", "noise.rate": 0.0, "prompt.csc": True, "data.shots": 16, "data.augment": False,
-      "batch_size": 16, "num_epochs": 8, "optim.lr": 0.05, "log_every_steps": 4, "zero_shot": False})
-  results = train.train_and_evaluate(config, str(tmp_path))
-  lines = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
-  first, last = lines[0], lines[-1]  # the first window is the warmup epoch at lr 1e-5
-  assert last["loss"] < first["loss"] - 0.01, (loss, first["loss"], last["loss"])
-  assert last["train_accuracy"] > first["train_accuracy"] + 0.2, (loss, first, last)
-  assert results["train"]["accuracy_clean_labels"] > 0.5  # chance is 0.25
+    config = smoke_config(
+        loss=loss,
+        **{
+            "noise.kind": "none",
+            "noise.rate": 0.0,
+            "prompt.csc": True,
+            "data.shots": 16,
+            "data.augment": False,
+            "batch_size": 16,
+            "num_epochs": 8,
+            "optim.lr": 0.05,
+            "log_every_steps": 4,
+            "zero_shot": False,
+        },
+    )
+    results = train.train_and_evaluate(config, str(tmp_path))
+    lines = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+    first, last = lines[0], lines[-1]  # the first window is the warmup epoch at lr 1e-5
+    assert last["loss"] < first["loss"] - 0.01, (loss, first["loss"], last["loss"])
+    assert last["train_accuracy"] > first["train_accuracy"] + 0.2, (loss, first, last)
+    assert results["train"]["accuracy_clean_labels"] > 0.5  # chance is 0.25
 
 
 def _run_in_subprocess(workdir, devices):
-  script = (
-      "import sys; sys.path.insert(0, 'configs'); import smoke, jax\n"
-      f"assert jax.device_count() == {devices}, jax.devices()\n"
-      "from dspt_jax import train\n"
-      f"train.train_and_evaluate(smoke.get_config(), {workdir!r})\n")
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-  subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    script = (
+        "import sys; sys.path.insert(0, 'configs'); import smoke, jax\n"
+        f"assert jax.device_count() == {devices}, jax.devices()\n"
+        "from dspt_jax import train\n"
+        f"train.train_and_evaluate(smoke.get_config(), {workdir!r})\n"
+    )
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, check=True, capture_output=True, timeout=600
+    )
 
 
 def test_eight_devices_match_one(straight_run, tmp_path):
-  """Batch sharded over 8 fake CPU devices: the same losses and final prompt as the 1-device run."""
-  straight_dir, _, _ = straight_run
-  workdir = str(tmp_path / "eight")
-  _run_in_subprocess(workdir, 8)
-  one = read_jsonl(os.path.join(straight_dir, "metrics.jsonl"))
-  eight = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  np.testing.assert_allclose([l["loss"] for l in eight], [l["loss"] for l in one], rtol=1e-5)
-  np.testing.assert_allclose(np.load(os.path.join(workdir, "prompt.npz"))["ctx"],
-                             np.load(os.path.join(straight_dir, "prompt.npz"))["ctx"], rtol=1e-4, atol=1e-6)
-  r1 = json.load(open(os.path.join(straight_dir, "results.json")))
-  r8 = json.load(open(os.path.join(workdir, "results.json")))
-  assert r8["final"]["num_examples"] == r1["final"]["num_examples"] == 40
+    """Batch sharded over 8 fake CPU devices: the same losses and final prompt as the 1-device run."""
+    straight_dir, _, _ = straight_run
+    workdir = str(tmp_path / "eight")
+    _run_in_subprocess(workdir, 8)
+    one = read_jsonl(os.path.join(straight_dir, "metrics.jsonl"))
+    eight = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    np.testing.assert_allclose([l["loss"] for l in eight], [l["loss"] for l in one], rtol=1e-5)
+    np.testing.assert_allclose(
+        np.load(os.path.join(workdir, "prompt.npz"))["ctx"],
+        np.load(os.path.join(straight_dir, "prompt.npz"))["ctx"],
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    r1 = json.load(open(os.path.join(straight_dir, "results.json")))
+    r8 = json.load(open(os.path.join(workdir, "results.json")))
+    assert r8["final"]["num_examples"] == r1["final"]["num_examples"] == 40
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"loss": "focal"}, "focal"),
-    ({"data.name": "imagenet3000"}, "unknown dataset 'imagenet3000'"),
-    ({"noise.rate": 1.5}, "1.5"),
-    ({"noise.rate": -0.1}, "-0.1"),
-    ({"noise.kind": "symmetric"}, "symmetric"),
-    ({"prompt.n_ctx": 0}, "n_ctx must be >= 1"),
-    ({"prompt.ctx_init": "a photo of a very nice"}, "more than config.prompt.n_ctx=4"),
-    ({"prompt.class_token_position": "start"}, "class_token_position"),
-    ({"model.compute_dtype": "float16"}, "compute_dtype"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"loss": "focal"}, "focal"),
+        ({"data.name": "imagenet3000"}, "unknown dataset 'imagenet3000'"),
+        ({"noise.rate": 1.5}, "1.5"),
+        ({"noise.rate": -0.1}, "-0.1"),
+        ({"noise.kind": "symmetric"}, "symmetric"),
+        ({"prompt.n_ctx": 0}, "n_ctx must be >= 1"),
+        ({"prompt.ctx_init": "a photo of a very nice"}, "more than config.prompt.n_ctx=4"),
+        ({"prompt.class_token_position": "start"}, "class_token_position"),
+        ({"model.compute_dtype": "float16"}, "compute_dtype"),
+    ],
+)
 def test_bad_config_fails_at_startup(tmp_path, overrides, message):
-  workdir = tmp_path / "never"
-  start = time.time()
-  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
-    train.train_and_evaluate(smoke_config(**overrides), str(workdir))
-  assert time.time() - start < 5
-  assert not workdir.exists()  # failed before writing anything or loading data/weights
+    workdir = tmp_path / "never"
+    start = time.time()
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        train.train_and_evaluate(smoke_config(**overrides), str(workdir))
+    assert time.time() - start < 5
+    assert not workdir.exists()  # failed before writing anything or loading data/weights

@@ -2,3 +2,17 @@
 
 from dspt_jax.models.clip import CLIPConfig, CLIPModule, TextConfig, VisionConfig, clip_logits, l2_normalize
 from dspt_jax.models.loading import CLIP, CheckpointNotFoundError, init_clip, load_clip, save_clip
+
+__all__ = [
+    "CLIP",
+    "CLIPConfig",
+    "CLIPModule",
+    "CheckpointNotFoundError",
+    "TextConfig",
+    "VisionConfig",
+    "clip_logits",
+    "init_clip",
+    "l2_normalize",
+    "load_clip",
+    "save_clip",
+]

@@ -37,292 +37,321 @@ _ACTIVATIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-  vocab_size: int = 49408
-  hidden_size: int = 512
-  intermediate_size: int = 2048
-  num_hidden_layers: int = 12
-  num_attention_heads: int = 8
-  max_position_embeddings: int = 77
-  hidden_act: str = "quick_gelu"
-  layer_norm_eps: float = 1e-5
-  eos_token_id: int = 49407
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  hidden_size: int = 768
-  intermediate_size: int = 3072
-  num_hidden_layers: int = 12
-  num_attention_heads: int = 12
-  num_channels: int = 3
-  image_size: int = 224
-  patch_size: int = 16
-  hidden_act: str = "quick_gelu"
-  layer_norm_eps: float = 1e-5
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
-  """The architecture. Defaults are ViT-B/16 (openai/clip-vit-base-patch16)."""
+    """The architecture. Defaults are ViT-B/16 (openai/clip-vit-base-patch16)."""
 
-  text: TextConfig = TextConfig()
-  vision: VisionConfig = VisionConfig()
-  projection_dim: int = 512
-  logit_scale_init_value: float = 2.6592
+    text: TextConfig = TextConfig()
+    vision: VisionConfig = VisionConfig()
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
 
-  @classmethod
-  def from_hf_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
-    """Builds the config from a transformers `CLIPConfig` JSON dict (config.json)."""
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
+        """Builds the config from a transformers `CLIPConfig` JSON dict (config.json)."""
 
-    def pick(klass, sub):
-      names = {f.name for f in dataclasses.fields(klass)}
-      return klass(**{k: v for k, v in (sub or {}).items() if k in names})
+        def pick(klass, sub):
+            names = {f.name for f in dataclasses.fields(klass)}
+            return klass(**{k: v for k, v in (sub or {}).items() if k in names})
 
-    text = pick(TextConfig, d.get("text_config"))
-    vision = pick(VisionConfig, d.get("vision_config"))
-    for act in (text.hidden_act, vision.hidden_act):
-      if act not in _ACTIVATIONS:
-        raise ValueError(f"Unsupported hidden_act {act!r}; known: {sorted(_ACTIVATIONS)}")
-    return cls(
-        text=text,
-        vision=vision,
-        projection_dim=int(d.get("projection_dim", 512)),
-        logit_scale_init_value=float(d.get("logit_scale_init_value", 2.6592)),
-    )
+        text = pick(TextConfig, d.get("text_config"))
+        vision = pick(VisionConfig, d.get("vision_config"))
+        for act in (text.hidden_act, vision.hidden_act):
+            if act not in _ACTIVATIONS:
+                raise ValueError(f"Unsupported hidden_act {act!r}; known: {sorted(_ACTIVATIONS)}")
+        return cls(
+            text=text,
+            vision=vision,
+            projection_dim=int(d.get("projection_dim", 512)),
+            logit_scale_init_value=float(d.get("logit_scale_init_value", 2.6592)),
+        )
 
-  def to_hf_dict(self) -> dict[str, Any]:
-    """The transformers-compatible config.json content (enough for `CLIPModel.from_pretrained`)."""
-    return {
-        "architectures": ["CLIPModel"],
-        "model_type": "clip",
-        "projection_dim": self.projection_dim,
-        "logit_scale_init_value": self.logit_scale_init_value,
-        "text_config": {**dataclasses.asdict(self.text), "projection_dim": self.projection_dim,
-                        "bos_token_id": self.text.eos_token_id - 1, "pad_token_id": 0,
-                        "model_type": "clip_text_model"},
-        "vision_config": {**dataclasses.asdict(self.vision), "projection_dim": self.projection_dim,
-                          "model_type": "clip_vision_model"},
-    }
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The transformers-compatible config.json content (enough for `CLIPModel.from_pretrained`)."""
+        return {
+            "architectures": ["CLIPModel"],
+            "model_type": "clip",
+            "projection_dim": self.projection_dim,
+            "logit_scale_init_value": self.logit_scale_init_value,
+            "text_config": {
+                **dataclasses.asdict(self.text),
+                "projection_dim": self.projection_dim,
+                "bos_token_id": self.text.eos_token_id - 1,
+                "pad_token_id": 0,
+                "model_type": "clip_text_model",
+            },
+            "vision_config": {
+                **dataclasses.asdict(self.vision),
+                "projection_dim": self.projection_dim,
+                "model_type": "clip_vision_model",
+            },
+        }
 
 
 class Attention(nn.Module):
-  hidden_size: int
-  num_heads: int
-  causal: bool
-  dtype: Any = jnp.float32
+    hidden_size: int
+    num_heads: int
+    causal: bool
+    dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    b, l, d = x.shape
-    head_dim = self.hidden_size // self.num_heads
-    dense = lambda name: nn.Dense(self.hidden_size, dtype=self.dtype, name=name)
-    split = lambda t: t.reshape(b, l, self.num_heads, head_dim)
-    q = split(dense("q_proj")(x))
-    k = split(dense("k_proj")(x))
-    v = split(dense("v_proj")(x))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim**-0.5
-    if self.causal:
-      mask = jnp.tril(jnp.ones((l, l), dtype=bool))
-      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, l, d)
-    return dense("out_proj")(out)
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, l, d = x.shape
+        head_dim = self.hidden_size // self.num_heads
+        dense = lambda name: nn.Dense(self.hidden_size, dtype=self.dtype, name=name)
+        split = lambda t: t.reshape(b, l, self.num_heads, head_dim)
+        q = split(dense("q_proj")(x))
+        k = split(dense("k_proj")(x))
+        v = split(dense("v_proj")(x))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim**-0.5
+        if self.causal:
+            mask = jnp.tril(jnp.ones((l, l), dtype=bool))
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, l, d)
+        return dense("out_proj")(out)
 
 
 class MLP(nn.Module):
-  hidden_size: int
-  intermediate_size: int
-  act: str
-  dtype: Any = jnp.float32
+    hidden_size: int
+    intermediate_size: int
+    act: str
+    dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    x = nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(x)
-    x = _ACTIVATIONS[self.act](x)
-    return nn.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(x)
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(x)
+        x = _ACTIVATIONS[self.act](x)
+        return nn.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(x)
 
 
 def _layer_norm(eps: float, name: str, dtype) -> nn.LayerNorm:
-  # Statistics in float32 even when the tower runs in bfloat16.
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name)
+    # Statistics in float32 even when the tower runs in bfloat16.
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 class EncoderLayer(nn.Module):
-  """Pre-LN transformer block: x + attn(ln1(x)), then + mlp(ln2(.))."""
+    """Pre-LN transformer block: x + attn(ln1(x)), then + mlp(ln2(.))."""
 
-  hidden_size: int
-  intermediate_size: int
-  num_heads: int
-  act: str
-  eps: float
-  causal: bool
-  dtype: Any = jnp.float32
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    act: str
+    eps: float
+    causal: bool
+    dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    h = _layer_norm(self.eps, "layer_norm1", self.dtype)(x)
-    x = x + Attention(self.hidden_size, self.num_heads, self.causal, self.dtype, name="self_attn")(h)
-    h = _layer_norm(self.eps, "layer_norm2", self.dtype)(x)
-    return x + MLP(self.hidden_size, self.intermediate_size, self.act, self.dtype, name="mlp")(h)
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = _layer_norm(self.eps, "layer_norm1", self.dtype)(x)
+        x = x + Attention(self.hidden_size, self.num_heads, self.causal, self.dtype, name="self_attn")(h)
+        h = _layer_norm(self.eps, "layer_norm2", self.dtype)(x)
+        return x + MLP(self.hidden_size, self.intermediate_size, self.act, self.dtype, name="mlp")(h)
 
 
 class LayerCollection(nn.Module):
-  """Holds the blocks as `layers/0`, `layers/1`, ... (HF's naming)."""
+    """Holds the blocks as `layers/0`, `layers/1`, ... (HF's naming)."""
 
-  num_layers: int
-  layer_kwargs: dict
+    num_layers: int
+    layer_kwargs: dict
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    for i in range(self.num_layers):
-      x = EncoderLayer(**self.layer_kwargs, name=str(i))(x)
-    return x
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        for i in range(self.num_layers):
+            x = EncoderLayer(**self.layer_kwargs, name=str(i))(x)
+        return x
 
 
 class Encoder(nn.Module):
-  num_layers: int
-  layer_kwargs: dict
+    num_layers: int
+    layer_kwargs: dict
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    return LayerCollection(self.num_layers, self.layer_kwargs, name="layers")(x)
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return LayerCollection(self.num_layers, self.layer_kwargs, name="layers")(x)
 
 
 def _encoder(cfg, causal: bool, dtype) -> Encoder:
-  return Encoder(
-      cfg.num_hidden_layers,
-      dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-           num_heads=cfg.num_attention_heads, act=cfg.hidden_act, eps=cfg.layer_norm_eps,
-           causal=causal, dtype=dtype),
-      name="encoder")
+    return Encoder(
+        cfg.num_hidden_layers,
+        dict(
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_heads=cfg.num_attention_heads,
+            act=cfg.hidden_act,
+            eps=cfg.layer_norm_eps,
+            causal=causal,
+            dtype=dtype,
+        ),
+        name="encoder",
+    )
 
 
 class TextEmbeddings(nn.Module):
-  config: TextConfig
+    config: TextConfig
 
-  def setup(self):
-    init = nn.initializers.normal(0.02)
-    self.token_embedding = nn.Embed(self.config.vocab_size, self.config.hidden_size, embedding_init=init)
-    self.position_embedding = nn.Embed(
-        self.config.max_position_embeddings, self.config.hidden_size, embedding_init=init)
+    def setup(self):
+        init = nn.initializers.normal(0.02)
+        self.token_embedding = nn.Embed(self.config.vocab_size, self.config.hidden_size, embedding_init=init)
+        self.position_embedding = nn.Embed(
+            self.config.max_position_embeddings, self.config.hidden_size, embedding_init=init
+        )
 
-  def tokens(self, input_ids: Array) -> Array:
-    return self.token_embedding(input_ids)
+    def tokens(self, input_ids: Array) -> Array:
+        return self.token_embedding(input_ids)
 
-  def positions(self, length: int) -> Array:
-    return self.position_embedding.embedding[:length]
+    def positions(self, length: int) -> Array:
+        return self.position_embedding.embedding[:length]
 
-  def __call__(self, input_ids: Array) -> Array:
-    return self.tokens(input_ids) + self.positions(input_ids.shape[1])
+    def __call__(self, input_ids: Array) -> Array:
+        return self.tokens(input_ids) + self.positions(input_ids.shape[1])
 
 
 class TextTransformer(nn.Module):
-  config: TextConfig
-  dtype: Any = jnp.float32
+    config: TextConfig
+    dtype: Any = jnp.float32
 
-  def setup(self):
-    self.embeddings = TextEmbeddings(self.config)
-    self.encoder = _encoder(self.config, causal=True, dtype=self.dtype)
-    self.final_layer_norm = _layer_norm(self.config.layer_norm_eps, "final_layer_norm", self.dtype)
+    def setup(self):
+        self.embeddings = TextEmbeddings(self.config)
+        self.encoder = _encoder(self.config, causal=True, dtype=self.dtype)
+        self.final_layer_norm = _layer_norm(self.config.layer_norm_eps, "final_layer_norm", self.dtype)
 
-  def token_embeddings(self, input_ids: Array) -> Array:
-    return self.embeddings.tokens(input_ids)
+    def token_embeddings(self, input_ids: Array) -> Array:
+        return self.embeddings.tokens(input_ids)
 
-  def pooled_from_embeddings(self, token_embeds: Array, eot_index: Array) -> Array:
-    """[N, L, D] token embeddings (no positions yet) + [N] end-of-text index -> [N, D] pooled."""
-    x = token_embeds.astype(jnp.float32) + self.embeddings.positions(token_embeds.shape[1])
-    x = self.encoder(x.astype(self.dtype))
-    x = self.final_layer_norm(x)
-    return jnp.take_along_axis(x, eot_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    def pooled_from_embeddings(self, token_embeds: Array, eot_index: Array) -> Array:
+        """[N, L, D] token embeddings (no positions yet) + [N] end-of-text index -> [N, D] pooled."""
+        x = token_embeds.astype(jnp.float32) + self.embeddings.positions(token_embeds.shape[1])
+        x = self.encoder(x.astype(self.dtype))
+        x = self.final_layer_norm(x)
+        return jnp.take_along_axis(x, eot_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
 
-  def __call__(self, input_ids: Array) -> Array:
-    eot_index = jnp.argmax(input_ids, axis=-1)
-    return self.pooled_from_embeddings(self.token_embeddings(input_ids), eot_index)
+    def __call__(self, input_ids: Array) -> Array:
+        eot_index = jnp.argmax(input_ids, axis=-1)
+        return self.pooled_from_embeddings(self.token_embeddings(input_ids), eot_index)
 
 
 class VisionEmbeddings(nn.Module):
-  config: VisionConfig
-  dtype: Any = jnp.float32
+    config: VisionConfig
+    dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, pixels: Array) -> Array:
-    cfg = self.config
-    num_patches = (cfg.image_size // cfg.patch_size) ** 2
-    class_embedding = self.param("class_embedding", nn.initializers.normal(0.02), (cfg.hidden_size,))
-    patches = nn.Conv(cfg.hidden_size, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size,) * 2,
-                      padding="VALID", use_bias=False, dtype=self.dtype, name="patch_embedding")(pixels)
-    b = patches.shape[0]
-    patches = patches.reshape(b, -1, cfg.hidden_size)
-    if patches.shape[1] != num_patches:
-      raise ValueError(f"Image of shape {pixels.shape[1:3]} gives {patches.shape[1]} patches; the model was "
-                       f"built for {cfg.image_size}x{cfg.image_size} ({num_patches} patches).")
-    cls = jnp.broadcast_to(class_embedding.astype(patches.dtype), (b, 1, cfg.hidden_size))
-    pos = nn.Embed(num_patches + 1, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02),
-                   name="position_embedding").embedding
-    return jnp.concatenate([cls, patches], axis=1) + pos.astype(patches.dtype)
+    @nn.compact
+    def __call__(self, pixels: Array) -> Array:
+        cfg = self.config
+        num_patches = (cfg.image_size // cfg.patch_size) ** 2
+        class_embedding = self.param("class_embedding", nn.initializers.normal(0.02), (cfg.hidden_size,))
+        patches = nn.Conv(
+            cfg.hidden_size,
+            (cfg.patch_size, cfg.patch_size),
+            strides=(cfg.patch_size,) * 2,
+            padding="VALID",
+            use_bias=False,
+            dtype=self.dtype,
+            name="patch_embedding",
+        )(pixels)
+        b = patches.shape[0]
+        patches = patches.reshape(b, -1, cfg.hidden_size)
+        if patches.shape[1] != num_patches:
+            raise ValueError(
+                f"Image of shape {pixels.shape[1:3]} gives {patches.shape[1]} patches; the model was "
+                f"built for {cfg.image_size}x{cfg.image_size} ({num_patches} patches)."
+            )
+        cls = jnp.broadcast_to(class_embedding.astype(patches.dtype), (b, 1, cfg.hidden_size))
+        pos = nn.Embed(
+            num_patches + 1,
+            cfg.hidden_size,
+            embedding_init=nn.initializers.normal(0.02),
+            name="position_embedding",
+        ).embedding
+        return jnp.concatenate([cls, patches], axis=1) + pos.astype(patches.dtype)
 
 
 class VisionTransformer(nn.Module):
-  config: VisionConfig
-  dtype: Any = jnp.float32
+    config: VisionConfig
+    dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, pixels: Array) -> Array:
-    """NHWC pixels -> [B, D] pooled (post-layernorm class token)."""
-    cfg = self.config
-    x = VisionEmbeddings(cfg, self.dtype, name="embeddings")(pixels.astype(self.dtype))
-    x = _layer_norm(cfg.layer_norm_eps, "pre_layrnorm", self.dtype)(x)  # sic: HF's spelling
-    x = _encoder(cfg, causal=False, dtype=self.dtype)(x)
-    return _layer_norm(cfg.layer_norm_eps, "post_layernorm", self.dtype)(x[:, 0])
+    @nn.compact
+    def __call__(self, pixels: Array) -> Array:
+        """NHWC pixels -> [B, D] pooled (post-layernorm class token)."""
+        cfg = self.config
+        x = VisionEmbeddings(cfg, self.dtype, name="embeddings")(pixels.astype(self.dtype))
+        x = _layer_norm(cfg.layer_norm_eps, "pre_layrnorm", self.dtype)(x)  # sic: HF's spelling
+        x = _encoder(cfg, causal=False, dtype=self.dtype)(x)
+        return _layer_norm(cfg.layer_norm_eps, "post_layernorm", self.dtype)(x[:, 0])
 
 
 class CLIPModule(nn.Module):
-  """Both towers, projections and `logit_scale` (stored as a log-scale, as in every CLIP checkpoint).
+    """Both towers, projections and `logit_scale` (stored as a log-scale, as in every CLIP checkpoint).
 
-  All entry points return float32 projected features, not L2-normalized.
-  """
+    All entry points return float32 projected features, not L2-normalized.
+    """
 
-  config: CLIPConfig
-  dtype: Any = jnp.float32  # compute dtype of the towers
+    config: CLIPConfig
+    dtype: Any = jnp.float32  # compute dtype of the towers
 
-  def setup(self):
-    cfg = self.config
-    self.text_model = TextTransformer(cfg.text, self.dtype)
-    self.vision_model = VisionTransformer(cfg.vision, self.dtype)
-    self.visual_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype)
-    self.text_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype)
-    self.logit_scale = self.param(
-        "logit_scale", lambda _, shape: jnp.full(shape, cfg.logit_scale_init_value, jnp.float32), ())
+    def setup(self):
+        cfg = self.config
+        self.text_model = TextTransformer(cfg.text, self.dtype)
+        self.vision_model = VisionTransformer(cfg.vision, self.dtype)
+        self.visual_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype)
+        self.text_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype)
+        self.logit_scale = self.param(
+            "logit_scale", lambda _, shape: jnp.full(shape, cfg.logit_scale_init_value, jnp.float32), ()
+        )
 
-  def encode_image(self, pixels: Array) -> Array:
-    return self.visual_projection(self.vision_model(pixels)).astype(jnp.float32)
+    def encode_image(self, pixels: Array) -> Array:
+        return self.visual_projection(self.vision_model(pixels)).astype(jnp.float32)
 
-  def encode_text(self, input_ids: Array) -> Array:
-    return self.text_projection(self.text_model(input_ids)).astype(jnp.float32)
+    def encode_text(self, input_ids: Array) -> Array:
+        return self.text_projection(self.text_model(input_ids)).astype(jnp.float32)
 
-  def token_embeddings(self, input_ids: Array) -> Array:
-    return self.text_model.token_embeddings(input_ids)
+    def token_embeddings(self, input_ids: Array) -> Array:
+        return self.text_model.token_embeddings(input_ids)
 
-  def encode_text_embeddings(self, token_embeds: Array, eot_index: Array) -> Array:
-    pooled = self.text_model.pooled_from_embeddings(token_embeds, eot_index)
-    return self.text_projection(pooled).astype(jnp.float32)
+    def encode_text_embeddings(self, token_embeds: Array, eot_index: Array) -> Array:
+        pooled = self.text_model.pooled_from_embeddings(token_embeds, eot_index)
+        return self.text_projection(pooled).astype(jnp.float32)
 
-  def __call__(self, pixels: Array, input_ids: Array) -> tuple[Array, Array]:
-    """Returns (logits_per_image [B, N], logits_per_text [N, B]) as CLIP defines them."""
-    img = self.encode_image(pixels)
-    txt = self.encode_text(input_ids)
-    return clip_logits(img, txt, self.logit_scale)
+    def __call__(self, pixels: Array, input_ids: Array) -> tuple[Array, Array]:
+        """Returns (logits_per_image [B, N], logits_per_text [N, B]) as CLIP defines them."""
+        img = self.encode_image(pixels)
+        txt = self.encode_text(input_ids)
+        return clip_logits(img, txt, self.logit_scale)
 
 
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def clip_logits(image_features: Array, text_features: Array, log_scale: Array) -> tuple[Array, Array]:
-  """exp(log_scale) * cos(image, text): [B, N] and its transpose."""
-  logits = jnp.exp(log_scale) * l2_normalize(image_features) @ l2_normalize(text_features).T
-  return logits, logits.T
+    """exp(log_scale) * cos(image, text): [B, N] and its transpose."""
+    logits = jnp.exp(log_scale) * l2_normalize(image_features) @ l2_normalize(text_features).T
+    return logits, logits.T
 
 
 # Architectures by name, for `load_clip("random:<name>")`: random weights with real shapes (speed and memory
@@ -332,7 +361,14 @@ PRESETS = {
     "vit_b32": CLIPConfig(vision=VisionConfig(patch_size=32)),
     "tiny": CLIPConfig(
         text=TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
-        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=32, patch_size=8),
-        projection_dim=32),
+        vision=VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=32,
+    ),
 }

@@ -35,79 +35,81 @@ _PROBE_TIMEOUT_S = 3.0
 
 
 class CheckpointNotFoundError(FileNotFoundError):
-  """The checkpoint is neither local nor reachable; the message says how to get it."""
+    """The checkpoint is neither local nor reachable; the message says how to get it."""
 
 
 @dataclasses.dataclass
 class CLIP:
-  """A frozen CLIP: its config, its params (HF FlaxCLIPModel tree) and jitted encoders.
+    """A frozen CLIP: its config, its params (HF FlaxCLIPModel tree) and jitted encoders.
 
-  `encode_image` takes float32 NHWC pixels, already CLIP-normalized; `encode_text` takes int token ids
-  [N, 77] from `dspt_jax.tokenize`. Both return projected float32 features, not L2-normalized.
-  """
+    `encode_image` takes float32 NHWC pixels, already CLIP-normalized; `encode_text` takes int token ids
+    [N, 77] from `dspt_jax.tokenize`. Both return projected float32 features, not L2-normalized.
+    """
 
-  config: CLIPConfig
-  params: dict
-  dtype: Any = jnp.float32
-  source: str = ""
+    config: CLIPConfig
+    params: dict
+    dtype: Any = jnp.float32
+    source: str = ""
 
-  @property
-  def module(self) -> CLIPModule:
-    return CLIPModule(self.config, dtype=self.dtype)
+    @property
+    def module(self) -> CLIPModule:
+        return CLIPModule(self.config, dtype=self.dtype)
 
-  @property
-  def logit_scale(self) -> float:
-    """exp of the stored log-scale (about 100 for OpenAI's checkpoints)."""
-    return float(np.exp(np.asarray(self.params["logit_scale"], np.float32)))
+    @property
+    def logit_scale(self) -> float:
+        """exp of the stored log-scale (about 100 for OpenAI's checkpoints)."""
+        return float(np.exp(np.asarray(self.params["logit_scale"], np.float32)))
 
-  @functools.cached_property
-  def _jitted(self):
-    module = self.module
+    @functools.cached_property
+    def _jitted(self):
+        module = self.module
 
-    def make(method):
-      return jax.jit(lambda params, *args: module.apply({"params": params}, *args, method=method))
+        def make(method):
+            return jax.jit(lambda params, *args: module.apply({"params": params}, *args, method=method))
 
-    names = ("encode_image", "encode_text", "encode_text_embeddings", "token_embeddings")
-    return {name: make(name) for name in names}
+        names = ("encode_image", "encode_text", "encode_text_embeddings", "token_embeddings")
+        return {name: make(name) for name in names}
 
-  def encode_image(self, pixels) -> jax.Array:
-    return self._jitted["encode_image"](self.params, pixels)
+    def encode_image(self, pixels) -> jax.Array:
+        return self._jitted["encode_image"](self.params, pixels)
 
-  def encode_text(self, token_ids) -> jax.Array:
-    ids = np.asarray(token_ids)
-    # Causal mask: cutting after the longest end-of-text token changes nothing but the cost. Round the
-    # length up to a multiple of 8 so that few distinct shapes get compiled.
-    length = int(ids.argmax(axis=-1).max()) + 1
-    length = min(ids.shape[1], -(-length // 8) * 8)
-    return self._jitted["encode_text"](self.params, ids[:, :length])
+    def encode_text(self, token_ids) -> jax.Array:
+        ids = np.asarray(token_ids)
+        # Causal mask: cutting after the longest end-of-text token changes nothing but the cost. Round the
+        # length up to a multiple of 8 so that few distinct shapes get compiled.
+        length = int(ids.argmax(axis=-1).max()) + 1
+        length = min(ids.shape[1], -(-length // 8) * 8)
+        return self._jitted["encode_text"](self.params, ids[:, :length])
 
-  def token_embeddings(self, token_ids) -> jax.Array:
-    return self._jitted["token_embeddings"](self.params, token_ids)
+    def token_embeddings(self, token_ids) -> jax.Array:
+        return self._jitted["token_embeddings"](self.params, token_ids)
 
-  def encode_text_embeddings(self, token_embeds, eot_index) -> jax.Array:
-    """The prompt path: token embeddings [N, L, D] (L may be cut to max(eot_index) + 1) -> [N, E]."""
-    return self._jitted["encode_text_embeddings"](self.params, token_embeds, eot_index)
+    def encode_text_embeddings(self, token_embeds, eot_index) -> jax.Array:
+        """The prompt path: token embeddings [N, L, D] (L may be cut to max(eot_index) + 1) -> [N, E]."""
+        return self._jitted["encode_text_embeddings"](self.params, token_embeds, eot_index)
 
 
 def init_clip(config: CLIPConfig, rng: jax.Array | int = 0, dtype=jnp.float32) -> CLIP:
-  """A randomly initialised CLIP (tests, the synthetic world)."""
-  if isinstance(rng, int):
-    rng = jax.random.key(rng)
-  module = CLIPModule(config, dtype=dtype)
-  params = jax.jit(module.init)(rng, *_dummy_inputs(config))["params"]
-  return CLIP(config, jax.tree.map(np.asarray, params), dtype, source="init")
+    """A randomly initialised CLIP (tests, the synthetic world)."""
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    module = CLIPModule(config, dtype=dtype)
+    params = jax.jit(module.init)(rng, *_dummy_inputs(config))["params"]
+    return CLIP(config, jax.tree.map(np.asarray, params), dtype, source="init")
 
 
 def _dummy_inputs(config: CLIPConfig):
-  v = config.vision
-  return (jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32),
-          jnp.zeros((1, config.text.max_position_embeddings), jnp.int32))
+    v = config.vision
+    return (
+        jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32),
+        jnp.zeros((1, config.text.max_position_embeddings), jnp.int32),
+    )
 
 
 def expected_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
-  """Every parameter path (slash-joined) of our tree with its shape, without allocating anything."""
-  tree = jax.eval_shape(CLIPModule(config).init, jax.random.key(0), *_dummy_inputs(config))["params"]
-  return {"/".join(k): tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(tree).items()}
+    """Every parameter path (slash-joined) of our tree with its shape, without allocating anything."""
+    tree = jax.eval_shape(CLIPModule(config).init, jax.random.key(0), *_dummy_inputs(config))["params"]
+    return {"/".join(k): tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(tree).items()}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -118,178 +120,196 @@ _IGNORED_SUFFIXES = ("position_ids",)  # non-persistent buffers that old checkpo
 
 
 def torch_to_flax(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Renames and transposes a transformers `CLIPModel` state dict into our flat slash-joined tree."""
-  out = {}
-  for key, value in state_dict.items():
-    if key.endswith(_IGNORED_SUFFIXES):
-      continue
-    value = np.asarray(value)
-    *path, leaf = key.split(".")
-    parent = path[-1] if path else ""
-    if leaf == "weight":
-      if parent in _EMBEDDINGS:
-        leaf = "embedding"
-      elif parent == "patch_embedding":  # torch OIHW -> flax HWIO
-        leaf, value = "kernel", value.transpose(2, 3, 1, 0)
-      elif "norm" in parent or "layrnorm" in parent:
-        leaf = "scale"
-      elif value.ndim == 2:  # Linear: [out, in] -> [in, out]
-        leaf, value = "kernel", value.T
-    out["/".join(path + [leaf])] = value
-  return out
+    """Renames and transposes a transformers `CLIPModel` state dict into our flat slash-joined tree."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(_IGNORED_SUFFIXES):
+            continue
+        value = np.asarray(value)
+        *path, leaf = key.split(".")
+        parent = path[-1] if path else ""
+        if leaf == "weight":
+            if parent in _EMBEDDINGS:
+                leaf = "embedding"
+            elif parent == "patch_embedding":  # torch OIHW -> flax HWIO
+                leaf, value = "kernel", value.transpose(2, 3, 1, 0)
+            elif "norm" in parent or "layrnorm" in parent:
+                leaf = "scale"
+            elif value.ndim == 2:  # Linear: [out, in] -> [in, out]
+                leaf, value = "kernel", value.T
+        out["/".join(path + [leaf])] = value
+    return out
 
 
 def _check_and_unflatten(flat: dict[str, np.ndarray], config: CLIPConfig, source: str) -> dict:
-  want = expected_shapes(config)
-  missing = sorted(set(want) - set(flat))
-  unexpected = sorted(set(flat) - set(want))
-  wrong = sorted(f"{k}: checkpoint {tuple(flat[k].shape)} vs model {want[k]}"
-                 for k in set(want) & set(flat) if tuple(flat[k].shape) != want[k])
-  problems = []
-  if missing:
-    problems.append(f"missing parameters: {', '.join(missing)}")
-  if unexpected:
-    problems.append(f"unexpected parameters: {', '.join(unexpected)}")
-  if wrong:
-    problems.append(f"shape mismatches: {'; '.join(wrong)}")
-  if problems:
-    raise ValueError(f"Checkpoint {source} does not match its config.json: " + " | ".join(problems))
-  tree = {tuple(k.split("/")): np.asarray(v, np.float32) for k, v in flat.items()}
-  return flax.traverse_util.unflatten_dict(tree)
+    want = expected_shapes(config)
+    missing = sorted(set(want) - set(flat))
+    unexpected = sorted(set(flat) - set(want))
+    wrong = sorted(
+        f"{k}: checkpoint {tuple(flat[k].shape)} vs model {want[k]}"
+        for k in set(want) & set(flat)
+        if tuple(flat[k].shape) != want[k]
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing parameters: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected parameters: {', '.join(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatches: {'; '.join(wrong)}")
+    if problems:
+        raise ValueError(f"Checkpoint {source} does not match its config.json: " + " | ".join(problems))
+    tree = {tuple(k.split("/")): np.asarray(v, np.float32) for k, v in flat.items()}
+    return flax.traverse_util.unflatten_dict(tree)
 
 
 def _read_weights(directory: str) -> tuple[dict[str, np.ndarray], str]:
-  """Returns our flat tree and the file it came from."""
-  files = set(os.listdir(directory))
-  if "flax_model.msgpack" in files:
-    path = os.path.join(directory, "flax_model.msgpack")
-    with open(path, "rb") as f:
-      tree = flax.serialization.msgpack_restore(f.read())
-    if set(tree) == {"params"}:
-      tree = tree["params"]
-    flat = {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree).items()}
-    return flat, path
-  if "model.safetensors" in files or _SAFETENSORS_INDEX in files:
-    from safetensors.numpy import load_file
-    if "model.safetensors" in files:
-      shards = ["model.safetensors"]
-    else:
-      with open(os.path.join(directory, _SAFETENSORS_INDEX)) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    state = {}
-    for shard in shards:
-      state.update(load_file(os.path.join(directory, shard)))
-    return torch_to_flax(state), os.path.join(directory, shards[0])
-  if "pytorch_model.bin" in files:
-    path = os.path.join(directory, "pytorch_model.bin")
-    try:
-      import torch
-    except ImportError as e:
-      raise ImportError(f"{path} is a PyTorch pickle and needs torch to read; install torch or convert "
-                        "it to model.safetensors.") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return torch_to_flax({k: v.float().numpy() for k, v in state.items()}), path
-  raise FileNotFoundError(f"No weights in {directory}: expected one of {', '.join(WEIGHT_FILES)} "
-                          f"(found: {', '.join(sorted(files)) or 'nothing'}).")
+    """Returns our flat tree and the file it came from."""
+    files = set(os.listdir(directory))
+    if "flax_model.msgpack" in files:
+        path = os.path.join(directory, "flax_model.msgpack")
+        with open(path, "rb") as f:
+            tree = flax.serialization.msgpack_restore(f.read())
+        if set(tree) == {"params"}:
+            tree = tree["params"]
+        flat = {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree).items()}
+        return flat, path
+    if "model.safetensors" in files or _SAFETENSORS_INDEX in files:
+        from safetensors.numpy import load_file
+
+        if "model.safetensors" in files:
+            shards = ["model.safetensors"]
+        else:
+            with open(os.path.join(directory, _SAFETENSORS_INDEX)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(os.path.join(directory, shard)))
+        return torch_to_flax(state), os.path.join(directory, shards[0])
+    if "pytorch_model.bin" in files:
+        path = os.path.join(directory, "pytorch_model.bin")
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(
+                f"{path} is a PyTorch pickle and needs torch to read; install torch or convert "
+                "it to model.safetensors."
+            ) from e
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch_to_flax({k: v.float().numpy() for k, v in state.items()}), path
+    raise FileNotFoundError(
+        f"No weights in {directory}: expected one of {', '.join(WEIGHT_FILES)} "
+        f"(found: {', '.join(sorted(files)) or 'nothing'})."
+    )
 
 
 def load_clip_from_directory(directory: str, dtype=jnp.float32) -> CLIP:
-  config_path = os.path.join(directory, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{directory} has no config.json (a transformers CLIPConfig).")
-  with open(config_path) as f:
-    config = CLIPConfig.from_hf_dict(json.load(f))
-  flat, path = _read_weights(directory)
-  params = _check_and_unflatten(flat, config, path)
-  return CLIP(config, params, dtype, source=directory)
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{directory} has no config.json (a transformers CLIPConfig).")
+    with open(config_path) as f:
+        config = CLIPConfig.from_hf_dict(json.load(f))
+    flat, path = _read_weights(directory)
+    params = _check_and_unflatten(flat, config, path)
+    return CLIP(config, params, dtype, source=directory)
 
 
 def save_clip(clip: CLIP, directory: str) -> None:
-  """Writes `config.json` + `flax_model.msgpack` (HF FlaxCLIPModel layout), loadable by `load_clip`."""
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(clip.config.to_hf_dict(), f, indent=2)
-  params = jax.tree.map(lambda x: np.asarray(x, np.float32), clip.params)
-  tmp = os.path.join(directory, "flax_model.msgpack.tmp")
-  with open(tmp, "wb") as f:
-    f.write(flax.serialization.msgpack_serialize(params))
-  os.replace(tmp, os.path.join(directory, "flax_model.msgpack"))
+    """Writes `config.json` + `flax_model.msgpack` (HF FlaxCLIPModel layout), loadable by `load_clip`."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(clip.config.to_hf_dict(), f, indent=2)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), clip.params)
+    tmp = os.path.join(directory, "flax_model.msgpack.tmp")
+    with open(tmp, "wb") as f:
+        f.write(flax.serialization.msgpack_serialize(params))
+    os.replace(tmp, os.path.join(directory, "flax_model.msgpack"))
 
 
 # --------------------------------------------------------------------------------------------------------
 # Hub.
 
+
 def _hub_reachable(endpoint: str) -> bool:
-  if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
-    return True  # cannot probe through a proxy cheaply; let the client try
-  url = urllib.parse.urlparse(endpoint)
-  port = url.port or (443 if url.scheme == "https" else 80)
-  try:
-    with socket.create_connection((url.hostname, port), timeout=_PROBE_TIMEOUT_S):
-      return True
-  except OSError:
-    return False
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True  # cannot probe through a proxy cheaply; let the client try
+    url = urllib.parse.urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
 
 
 def _download_instructions(repo_id: str, why: str) -> str:
-  from huggingface_hub import constants
-  return (
-      f"Cannot load CLIP {repo_id!r}: {why}, and it is not in the Hugging Face cache "
-      f"({constants.HF_HUB_CACHE}). On a machine with network, run\n"
-      f"    hf download {repo_id} config.json model.safetensors --local-dir clip_weights/{repo_id}\n"
-      f"(or flax_model.msgpack instead of model.safetensors), copy that folder here and pass its path: "
-      f"load_clip('clip_weights/{repo_id}'). Copying a populated hub cache into HF_HUB_CACHE works too.")
+    from huggingface_hub import constants
+
+    return (
+        f"Cannot load CLIP {repo_id!r}: {why}, and it is not in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}). On a machine with network, run\n"
+        f"    hf download {repo_id} config.json model.safetensors --local-dir clip_weights/{repo_id}\n"
+        f"(or flax_model.msgpack instead of model.safetensors), copy that folder here and pass its path: "
+        f"load_clip('clip_weights/{repo_id}'). Copying a populated hub cache into HF_HUB_CACHE works too."
+    )
 
 
 def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> str:
-  """Returns a local directory holding config.json and one weight file of `repo_id`."""
-  from huggingface_hub import constants, hf_hub_download
+    """Returns a local directory holding config.json and one weight file of `repo_id`."""
+    from huggingface_hub import constants, hf_hub_download
 
-  def fetch(filename, local_only):
-    try:
-      return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                             local_files_only=local_only)
-    except Exception:  # missing file, missing repo, no network: callers decide what that means
-      return None
+    def fetch(filename, local_only):
+        try:
+            return hf_hub_download(
+                repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=local_only
+            )
+        except Exception:  # missing file, missing repo, no network: callers decide what that means
+            return None
 
-  online = not constants.HF_HUB_OFFLINE and _hub_reachable(constants.ENDPOINT)
-  why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
-         else f"the hub ({constants.ENDPOINT}) is unreachable")
-  for local_only in ((True, False) if online else (True,)):
-    config = fetch("config.json", local_only)
-    if config is None:
-      continue
-    for filename in WEIGHT_FILES:
-      if fetch(filename, local_only) is not None:
-        return os.path.dirname(config)
-  if online:
-    raise CheckpointNotFoundError(f"{repo_id!r} on {constants.ENDPOINT} has no config.json with one of "
-                                  f"{', '.join(WEIGHT_FILES)}.")
-  raise CheckpointNotFoundError(_download_instructions(repo_id, why))
+    online = not constants.HF_HUB_OFFLINE and _hub_reachable(constants.ENDPOINT)
+    why = (
+        "HF_HUB_OFFLINE is set"
+        if constants.HF_HUB_OFFLINE
+        else f"the hub ({constants.ENDPOINT}) is unreachable"
+    )
+    for local_only in (True, False) if online else (True,):
+        config = fetch("config.json", local_only)
+        if config is None:
+            continue
+        for filename in WEIGHT_FILES:
+            if fetch(filename, local_only) is not None:
+                return os.path.dirname(config)
+    if online:
+        raise CheckpointNotFoundError(
+            f"{repo_id!r} on {constants.ENDPOINT} has no config.json with one of {', '.join(WEIGHT_FILES)}."
+        )
+    raise CheckpointNotFoundError(_download_instructions(repo_id, why))
 
 
-def load_clip(source: str, *, dtype=jnp.float32, revision: str | None = None,
-              cache_dir: str | None = None) -> CLIP:
-  """Loads a CLIP from a local directory or a Hugging Face hub id ("openai/clip-vit-base-patch16").
+def load_clip(
+    source: str, *, dtype=jnp.float32, revision: str | None = None, cache_dir: str | None = None
+) -> CLIP:
+    """Loads a CLIP from a local directory or a Hugging Face hub id ("openai/clip-vit-base-patch16").
 
-  Args:
-    source: a directory with `config.json` and weights, a hub id, or "random:<preset>" (random weights
-      with the shapes of `dspt_jax.models.clip.PRESETS[preset]`: "vit_b16", "vit_b32", "tiny").
-    dtype: compute dtype of the towers (parameters stay float32).
-    revision, cache_dir: passed to the hub client.
-  """
-  if source.startswith("random:"):
-    preset = source.split(":", 1)[1]
-    if preset not in PRESETS:
-      raise ValueError(f"Unknown preset {preset!r} in {source!r}; known: {sorted(PRESETS)}")
-    clip = init_clip(PRESETS[preset], rng=0, dtype=dtype)
+    Args:
+      source: a directory with `config.json` and weights, a hub id, or "random:<preset>" (random weights
+        with the shapes of `dspt_jax.models.clip.PRESETS[preset]`: "vit_b16", "vit_b32", "tiny").
+      dtype: compute dtype of the towers (parameters stay float32).
+      revision, cache_dir: passed to the hub client.
+    """
+    if source.startswith("random:"):
+        preset = source.split(":", 1)[1]
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r} in {source!r}; known: {sorted(PRESETS)}")
+        clip = init_clip(PRESETS[preset], rng=0, dtype=dtype)
+        clip.source = source
+        return clip
+    if os.path.isdir(source):
+        return load_clip_from_directory(source, dtype)
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise FileNotFoundError(
+            f"{source!r} is neither a local directory nor a hub id like 'openai/clip-vit-base-patch16'."
+        )
+    clip = load_clip_from_directory(_hub_snapshot(source, revision, cache_dir), dtype)
     clip.source = source
     return clip
-  if os.path.isdir(source):
-    return load_clip_from_directory(source, dtype)
-  if source.startswith((".", "/", "~")) or source.count("/") != 1:
-    raise FileNotFoundError(f"{source!r} is neither a local directory nor a hub id like "
-                            "'openai/clip-vit-base-patch16'.")
-  clip = load_clip_from_directory(_hub_snapshot(source, revision, cache_dir), dtype)
-  clip.source = source
-  return clip

@@ -26,97 +26,116 @@ CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 
 @dataclasses.dataclass(frozen=True)
 class PromptSpec:
-  """Host-side, static description of the K prompts (numpy arrays; see module docstring)."""
+    """Host-side, static description of the K prompts (numpy arrays; see module docstring)."""
 
-  token_ids: np.ndarray      # int32 [K, L]
-  ctx_positions: np.ndarray  # int32 [K, n_ctx]
-  eot_index: np.ndarray      # int32 [K]
-  n_ctx: int
-  class_token_position: str
+    token_ids: np.ndarray  # int32 [K, L]
+    ctx_positions: np.ndarray  # int32 [K, n_ctx]
+    eot_index: np.ndarray  # int32 [K]
+    n_ctx: int
+    class_token_position: str
 
-  @property
-  def num_classes(self) -> int:
-    return self.token_ids.shape[0]
-
-
-def build_prompt_spec(classnames, n_ctx: int = 16, class_token_position: str = "end",
-                      context_length: int = tok_lib.CONTEXT_LENGTH) -> PromptSpec:
-  if n_ctx < 1:
-    raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
-  if class_token_position not in CLASS_TOKEN_POSITIONS:
-    raise ValueError(f"class_token_position must be one of {CLASS_TOKEN_POSITIONS}, got "
-                     f"{class_token_position!r}")
-  if not classnames:
-    raise ValueError("no class names")
-  tok = tok_lib.get_tokenizer()
-  placeholder = tok.encode("X")[0]
-  period = tok.encode(".")
-  rows, positions = [], []
-  for name in classnames:
-    name_ids = tok.encode(name.replace("_", " "))
-    if not name_ids:
-      raise ValueError(f"class name {name!r} has no tokens")
-    ctx = [placeholder] * n_ctx
-    half = n_ctx // 2
-    body = {"end": ctx + name_ids,
-            "front": name_ids + ctx,
-            "middle": ctx[:half] + name_ids + ctx[half:]}[class_token_position]
-    start = {"end": 0, "front": len(name_ids), "middle": None}[class_token_position]
-    if start is None:
-      slots = list(range(half)) + list(range(half + len(name_ids), n_ctx + len(name_ids)))
-    else:
-      slots = list(range(start, start + n_ctx))
-    ids = [tok.sot_token] + body + period + [tok.eot_token]
-    if len(ids) > context_length:
-      raise ValueError(f"prompt for class {name!r} needs {len(ids)} tokens with n_ctx={n_ctx}; the text "
-                       f"encoder takes {context_length}. Use a shorter class name or fewer context tokens.")
-    rows.append(ids)
-    positions.append([1 + s for s in slots])
-  length = max(len(r) for r in rows)  # = max end-of-text index + 1
-  token_ids = np.zeros((len(rows), length), np.int32)
-  for i, r in enumerate(rows):
-    token_ids[i, :len(r)] = r
-  return PromptSpec(token_ids=token_ids, ctx_positions=np.asarray(positions, np.int32),
-                    eot_index=np.asarray([len(r) - 1 for r in rows], np.int32),
-                    n_ctx=n_ctx, class_token_position=class_token_position)
+    @property
+    def num_classes(self) -> int:
+        return self.token_ids.shape[0]
 
 
-def init_context(rng: jax.Array, spec: PromptSpec, embed_dim: int, *, csc: bool = False,
-                 init_embeddings: np.ndarray | None = None) -> dict:
-  """The trainable prompt params: {"ctx": [n_ctx, D]} (shared) or [K, n_ctx, D] (class-specific, `csc`).
+def build_prompt_spec(
+    classnames,
+    n_ctx: int = 16,
+    class_token_position: str = "end",
+    context_length: int = tok_lib.CONTEXT_LENGTH,
+) -> PromptSpec:
+    if n_ctx < 1:
+        raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+    if class_token_position not in CLASS_TOKEN_POSITIONS:
+        raise ValueError(
+            f"class_token_position must be one of {CLASS_TOKEN_POSITIONS}, got {class_token_position!r}"
+        )
+    if not classnames:
+        raise ValueError("no class names")
+    tok = tok_lib.get_tokenizer()
+    placeholder = tok.encode("X")[0]
+    period = tok.encode(".")
+    rows, positions = [], []
+    for name in classnames:
+        name_ids = tok.encode(name.replace("_", " "))
+        if not name_ids:
+            raise ValueError(f"class name {name!r} has no tokens")
+        ctx = [placeholder] * n_ctx
+        half = n_ctx // 2
+        body = {"end": ctx + name_ids, "front": name_ids + ctx, "middle": ctx[:half] + name_ids + ctx[half:]}[
+            class_token_position
+        ]
+        start = {"end": 0, "front": len(name_ids), "middle": None}[class_token_position]
+        if start is None:
+            slots = list(range(half)) + list(range(half + len(name_ids), n_ctx + len(name_ids)))
+        else:
+            slots = list(range(start, start + n_ctx))
+        ids = [tok.sot_token] + body + period + [tok.eot_token]
+        if len(ids) > context_length:
+            raise ValueError(
+                f"prompt for class {name!r} needs {len(ids)} tokens with n_ctx={n_ctx}; the text "
+                f"encoder takes {context_length}. Use a shorter class name or fewer context tokens."
+            )
+        rows.append(ids)
+        positions.append([1 + s for s in slots])
+    length = max(len(r) for r in rows)  # = max end-of-text index + 1
+    token_ids = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        token_ids[i, : len(r)] = r
+    return PromptSpec(
+        token_ids=token_ids,
+        ctx_positions=np.asarray(positions, np.int32),
+        eot_index=np.asarray([len(r) - 1 for r in rows], np.int32),
+        n_ctx=n_ctx,
+        class_token_position=class_token_position,
+    )
 
-  Random N(0, 0.02) as CoOp, or, with `init_embeddings` [t, D] (token embeddings of e.g. "a photo of a",
-  t <= n_ctx), the last t slots start from those words (the first n_ctx - t stay random), so that with the
-  class token at the end the prompt starts out as the sentence "... a photo of a {class}.".
-  """
-  shape = (spec.num_classes, spec.n_ctx, embed_dim) if csc else (spec.n_ctx, embed_dim)
-  ctx = 0.02 * jax.random.normal(rng, shape, jnp.float32)
-  if init_embeddings is not None:
-    t = init_embeddings.shape[0]
-    if t > spec.n_ctx:
-      raise ValueError(f"ctx_init has {t} tokens but n_ctx is {spec.n_ctx}")
-    ctx = ctx.at[..., spec.n_ctx - t:, :].set(jnp.asarray(init_embeddings, jnp.float32))
-  return {"ctx": ctx}
+
+def init_context(
+    rng: jax.Array,
+    spec: PromptSpec,
+    embed_dim: int,
+    *,
+    csc: bool = False,
+    init_embeddings: np.ndarray | None = None,
+) -> dict:
+    """The trainable prompt params: {"ctx": [n_ctx, D]} (shared) or [K, n_ctx, D] (class-specific, `csc`).
+
+    Random N(0, 0.02) as CoOp, or, with `init_embeddings` [t, D] (token embeddings of e.g. "a photo of a",
+    t <= n_ctx), the last t slots start from those words (the first n_ctx - t stay random), so that with the
+    class token at the end the prompt starts out as the sentence "... a photo of a {class}.".
+    """
+    shape = (spec.num_classes, spec.n_ctx, embed_dim) if csc else (spec.n_ctx, embed_dim)
+    ctx = 0.02 * jax.random.normal(rng, shape, jnp.float32)
+    if init_embeddings is not None:
+        t = init_embeddings.shape[0]
+        if t > spec.n_ctx:
+            raise ValueError(f"ctx_init has {t} tokens but n_ctx is {spec.n_ctx}")
+        ctx = ctx.at[..., spec.n_ctx - t :, :].set(jnp.asarray(init_embeddings, jnp.float32))
+    return {"ctx": ctx}
 
 
 def ctx_init_embeddings(clip, ctx_init: str, n_ctx: int) -> np.ndarray:
-  """Token embeddings [t, D] of the words of `ctx_init` (no start/end tokens); errors if t > n_ctx."""
-  ids = tok_lib.get_tokenizer().encode(ctx_init.replace("_", " "))
-  if not ids:
-    raise ValueError(f"ctx_init {ctx_init!r} has no tokens")
-  if len(ids) > n_ctx:
-    raise ValueError(f"ctx_init {ctx_init!r} is {len(ids)} tokens but n_ctx={n_ctx} allows at most "
-                     f"{n_ctx}; raise n_ctx or shorten ctx_init.")
-  return np.asarray(clip.token_embeddings(np.asarray([ids], np.int32))[0])
+    """Token embeddings [t, D] of the words of `ctx_init` (no start/end tokens); errors if t > n_ctx."""
+    ids = tok_lib.get_tokenizer().encode(ctx_init.replace("_", " "))
+    if not ids:
+        raise ValueError(f"ctx_init {ctx_init!r} has no tokens")
+    if len(ids) > n_ctx:
+        raise ValueError(
+            f"ctx_init {ctx_init!r} is {len(ids)} tokens but n_ctx={n_ctx} allows at most "
+            f"{n_ctx}; raise n_ctx or shorten ctx_init."
+        )
+    return np.asarray(clip.token_embeddings(np.asarray([ids], np.int32))[0])
 
 
 def assemble(frozen_embeds: jax.Array, ctx: jax.Array, ctx_positions: jax.Array) -> jax.Array:
-  """Scatters the context into the prompts' token embeddings, all classes at once.
+    """Scatters the context into the prompts' token embeddings, all classes at once.
 
-  frozen_embeds [K, L, D]; ctx [n_ctx, D] or [K, n_ctx, D]; ctx_positions int [K, n_ctx] -> [K, L, D].
-  """
-  frozen_embeds = jnp.asarray(frozen_embeds)
-  k = frozen_embeds.shape[0]
-  ctx = jnp.broadcast_to(ctx.astype(frozen_embeds.dtype), (k,) + ctx.shape[-2:])
-  rows = jnp.arange(k)[:, None]
-  return frozen_embeds.at[rows, ctx_positions].set(ctx)
+    frozen_embeds [K, L, D]; ctx [n_ctx, D] or [K, n_ctx, D]; ctx_positions int [K, n_ctx] -> [K, L, D].
+    """
+    frozen_embeds = jnp.asarray(frozen_embeds)
+    k = frozen_embeds.shape[0]
+    ctx = jnp.broadcast_to(ctx.astype(frozen_embeds.dtype), (k,) + ctx.shape[-2:])
+    rows = jnp.arange(k)[:, None]
+    return frozen_embeds.at[rows, ctx_positions].set(ctx)
