@@ -31,9 +31,9 @@ from dspt_jax import checkpointing, losses, metrics, sharding
 from dspt_jax import tokenizer as tok_lib
 from dspt_jax.models import prompt as prompt_lib
 from dspt_jax.models.clip import CLIPModule, l2_normalize
-from dspt_jax.models.loading import load_clip
+from dspt_jax.models.loading import CLIP, load_clip
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 log = logging.getLogger("dspt_jax")
 
 
@@ -90,9 +90,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"config.prompt.ctx_init={p.ctx_init!r} is {n} tokens, more than "
                 f"config.prompt.n_ctx={p.n_ctx} allows."
             )
-    if config.model.compute_dtype not in _DTYPES:
+    if config.model.compute_dtype not in DTYPES:
         raise ValueError(
-            f"config.model.compute_dtype must be one of {sorted(_DTYPES)}, got {config.model.compute_dtype!r}"
+            f"config.model.compute_dtype must be one of {sorted(DTYPES)}, got {config.model.compute_dtype!r}"
         )
     for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps"):
         if config[field] < 1:
@@ -261,8 +261,12 @@ def _final_save(ckpt: checkpointing.Checkpointer, step: int, state: TrainState) 
     ckpt.close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs zero-shot evaluation, prompt tuning and final evaluation; returns (and writes) the results."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CLIP | None = None) -> dict:
+    """Runs zero-shot evaluation, prompt tuning and final evaluation; returns (and writes) the results.
+
+    `clip`: an already loaded CLIP for `config.model.source` (sweeps load it once for all their runs);
+    None loads it. It is only read, never changed.
+    """
     start_time = time.time()
     validate_config(config)
     from dspt_jax.data import pipeline  # TensorFlow lives there
@@ -277,7 +281,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pidx, pcount = jax.process_index(), jax.process_count()
 
     task = pipeline.load_task(data_config(config), workdir=workdir, process_index=pidx)
-    clip = load_clip(config.model.source, dtype=_DTYPES[config.model.compute_dtype])
+    if clip is None:
+        clip = load_clip(config.model.source, dtype=DTYPES[config.model.compute_dtype])
+    elif clip.dtype != DTYPES[config.model.compute_dtype]:
+        raise ValueError(
+            f"the CLIP passed in computes in {clip.dtype}, the config asks for {config.model.compute_dtype}"
+        )
     if clip.config.vision.image_size != config.data.image_size:
         raise ValueError(
             f"config.data.image_size={config.data.image_size} but the CLIP at "
