@@ -27,6 +27,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step, ...)` would write (every `every_steps`)."""
+        return self._manager.should_save(step)
+
     def save(self, step: int, state, force: bool = False) -> bool:
         return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
 

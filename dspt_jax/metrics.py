@@ -64,13 +64,20 @@ def train_set_diagnostics(preds, noisy, clean, flipped) -> dict:
 class MetricWriter:
     """One JSON line per logged step in `metrics.jsonl`, and TensorBoard scalars (via tensorboardX)."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
+        """`resume_step`: a resumed run drops the lines logged after its checkpoint (they are redone)."""
         self._enabled = enabled
         self._tb = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+        self._jsonl = open(path, "a")
         try:
             from tensorboardX import SummaryWriter
 

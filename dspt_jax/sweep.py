@@ -42,17 +42,6 @@ log = logging.getLogger("dspt_jax")
 SWEEP_RECORD = "sweep.json"
 
 # Fields of a saved config.json that do not change what a run computes; they may differ on resume.
-_OPERATIONAL_FIELDS = frozenset(
-    {
-        "log_every_steps",
-        "checkpoint_every_steps",
-        "eval_batch_size",
-        "data.data_dir",
-        "data.download",
-    }
-)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The grid.
 
@@ -138,19 +127,7 @@ def validate_grid(base: ml_collections.ConfigDict, points: Sequence[Point]) -> N
 
 
 def _json_roundtrip(obj) -> Any:
-    # The same conversion as train.py's JSON writer, so a saved config compares equal to a fresh one.
-    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+    return train._as_json(obj)
 
 
 def _results_mismatches(results: dict, config: ml_collections.ConfigDict) -> list[str]:
@@ -184,18 +161,6 @@ def _results_mismatches(results: dict, config: ml_collections.ConfigDict) -> lis
     return out
 
 
-def _config_mismatches(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
-    """Fields present in both the saved config.json and the point's config that differ (operational
-    fields excepted; fields only one side has are new or removed options, not a different setting)."""
-    want = _flatten(_json_roundtrip(config.to_dict()))
-    got = _flatten(saved)
-    return [
-        f"{key}: found {got[key]!r}, expected {want[key]!r}"
-        for key in sorted(want.keys() & got.keys())
-        if key not in _OPERATIONAL_FIELDS and got[key] != want[key]
-    ]
-
-
 def point_status(point_dir: str, config: ml_collections.ConfigDict) -> str:
     """ "done" if `point_dir` has a results.json of this config, else "todo".
 
@@ -206,7 +171,7 @@ def point_status(point_dir: str, config: ml_collections.ConfigDict) -> str:
     config_path = os.path.join(point_dir, "config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
-            problems += _config_mismatches(json.load(f), config)
+            problems += train.config_mismatches(json.load(f), config)
     results_path = os.path.join(point_dir, "results.json")
     done = os.path.exists(results_path)
     if done:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -116,12 +118,13 @@ def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def coop_lr_schedule(
     optim: ml_collections.ConfigDict, num_epochs: int, steps_per_epoch: int
 ) -> optax.Schedule:
-    """Per-epoch learning rate as CoOp/Dassl: `warmup_lr` for the warmup epochs, then base * cos-annealing
-    over `num_epochs` (epoch e gets 0.5 * lr * (1 + cos(pi * e / num_epochs)))."""
+    """Per-epoch learning rate as CoOp/Dassl: `warmup_lr` for the W warmup epochs, then cosine annealing over
+    `num_epochs` restarted after the warmup (Dassl's warmup recount): epoch e >= W trains at
+    0.5 * lr * (1 + cos(pi * (e - W) / num_epochs)), so the first epoch after warmup gets the full lr."""
 
     def schedule(step):
         epoch = step // steps_per_epoch
-        cosine = 0.5 * optim.lr * (1 + jnp.cos(jnp.pi * epoch / num_epochs))
+        cosine = 0.5 * optim.lr * (1 + jnp.cos(jnp.pi * (epoch - optim.warmup_epochs) / num_epochs))
         return jnp.where(epoch < optim.warmup_epochs, optim.warmup_lr, cosine)
 
     return schedule
@@ -206,7 +209,7 @@ def make_predict_step(module: CLIPModule):
 
 
 def _gather(x) -> np.ndarray:
-    """A global jax.Array, or this host's numpy rows, as the whole array on every host (in process order)."""
+    """A global jax.Array, whole, on every host."""
     if jax.process_count() == 1:
         return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -214,13 +217,20 @@ def _gather(x) -> np.ndarray:
 
 def predict_split(predict_jit, clip_params, class_features, batches, mesh) -> dict[str, np.ndarray]:
     """Runs `predict` over an evaluation iterator; returns the real (unmasked) rows of
-    `pred`, `label`, `clean_label` and `id`."""
-    out: dict[str, list] = {k: [] for k in ("pred", "label", "clean_label", "id", "mask")}
+    `pred`, `label`, `clean_label` and `id`.
+
+    Labels, ids and the mask travel as global arrays sharded like the images, so that gathering keeps
+    every prediction next to its own label whatever order the mesh puts the processes' devices in.
+    """
+    fields = ("label", "clean_label", "id", "mask")
+    out: dict[str, list] = {k: [] for k in ("pred",) + fields}
     for local in batches:
-        images = sharding.to_global({"image": local["image"]}, mesh)["image"]
-        out["pred"].append(_gather(predict_jit(clip_params, class_features, images)))
-        for k in ("label", "clean_label", "id", "mask"):
-            out[k].append(_gather(local[k]))
+        local = {k: local[k] for k in ("image",) + fields}
+        local["id"] = local["id"].astype(np.int32)  # without jax_enable_x64 the device keeps 32 bits anyway
+        batch = sharding.to_global(local, mesh)
+        out["pred"].append(_gather(predict_jit(clip_params, class_features, batch["image"])))
+        for k in fields:
+            out[k].append(_gather(batch[k]))
     if not out["pred"]:
         raise ValueError("evaluation split is empty")
     cat = {k: np.concatenate(v) for k, v in out.items()}
@@ -255,10 +265,106 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _final_save(ckpt: checkpointing.Checkpointer, step: int, state: TrainState) -> None:
-    if ckpt.latest_step != step:
-        ckpt.save(step, state, force=True)
-    ckpt.close()
+# Fields that do not change what a run computes: a workdir may be resumed with other values for them.
+OPERATIONAL_FIELDS = frozenset(
+    {
+        "max_steps",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "eval_batch_size",
+        "eval_every_epochs",
+        "zero_shot",
+        "eval_train",
+        "data.data_dir",
+        "data.download",
+    }
+)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _as_json(obj):
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def config_mismatches(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """The fields of a workdir's saved config.json that differ from `config` (operational fields aside;
+    fields only one side has are options added or removed since, not a different setting)."""
+    want, got = _flatten(_as_json(config.to_dict())), _flatten(saved)
+    return [
+        f"{key}: workdir has {got[key]!r}, this run {want[key]!r}"
+        for key in sorted(want.keys() & got.keys())
+        if key not in OPERATIONAL_FIELDS and got[key] != want[key]
+    ]
+
+
+def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+    if "://" in workdir:
+        raise ValueError(
+            f"workdir {workdir!r} is a URL; use a path on a file system every host sees (NFS, a GCS FUSE "
+            "mount such as gcsfuse): checkpoints, metrics and results are written with local file I/O."
+        )
+    saved_path = os.path.join(workdir, "config.json")
+    if os.path.exists(saved_path):  # resuming: it must be the same experiment
+        with open(saved_path) as f:
+            problems = config_mismatches(json.load(f), config)
+        if problems:
+            raise ValueError(
+                f"{workdir} holds a run with a different setting ({'; '.join(problems)}). Use another "
+                "workdir, or delete this one to start over."
+            )
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(saved_path, config.to_dict())
+
+
+def _train_batch_size(config, train_size: int, n_dev: int) -> int:
+    """CoOp's batch, or the whole training set in one batch when it is smaller (1-2 shots on small
+    datasets), rounded down to a multiple of the device count."""
+    if train_size >= config.batch_size:
+        return config.batch_size
+    batch = train_size // n_dev * n_dev
+    if batch == 0:
+        raise ValueError(f"{train_size} training examples cannot be spread over {n_dev} devices")
+    log.warning(
+        "The training set has %d examples, fewer than batch_size=%d: training on batches of %d.",
+        train_size,
+        config.batch_size,
+        batch,
+    )
+    return batch
+
+
+class _SigintFlag:
+    """Turns Ctrl-C into a flag checked between steps, so the state is never caught mid-update (the train
+    step donates its input state) and a checkpoint of the last finished step can always be written."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.raised:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.raised = True
+        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort).")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CLIP | None = None) -> dict:
@@ -269,10 +375,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
     """
     start_time = time.time()
     validate_config(config)
+    _prepare_workdir(config, workdir)
     from dspt_jax.data import pipeline  # TensorFlow lives there
-
-    os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
     mesh = sharding.make_mesh()
     n_dev = mesh.devices.size
@@ -280,7 +384,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
     eval_batch_size = math.ceil(config.eval_batch_size / n_dev) * n_dev  # every device gets equal rows
     pidx, pcount = jax.process_index(), jax.process_count()
 
-    task = pipeline.load_task(data_config(config), workdir=workdir, process_index=pidx)
     if clip is None:
         clip = load_clip(config.model.source, dtype=DTYPES[config.model.compute_dtype])
     elif clip.dtype != DTYPES[config.model.compute_dtype]:
@@ -292,6 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
             f"config.data.image_size={config.data.image_size} but the CLIP at "
             f"{config.model.source!r} takes {clip.config.vision.image_size} px images."
         )
+    task = pipeline.load_task(data_config(config), workdir=workdir, process_index=pidx)
     module = clip.module
     log.info(
         "Task %s: %d classes, %d train / %d test examples; CLIP %s on %d device(s)",
@@ -303,7 +407,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         n_dev,
     )
 
-    steps_per_epoch = pipeline.steps_per_epoch(task, config.batch_size)
+    batch_size = _train_batch_size(config, task.train_size, n_dev)
+    steps_per_epoch = pipeline.steps_per_epoch(task, batch_size)
     total_steps = config.num_epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -314,11 +419,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
     repl = sharding.replicated(mesh)
     clip_params = jax.device_put(clip.params, repl)
     frozen_embeds = jax.device_put(clip.token_embeddings(spec.token_ids), repl)
-    init_words = (
-        prompt_lib.ctx_init_embeddings(clip, config.prompt.ctx_init, config.prompt.n_ctx)
-        if config.prompt.ctx_init
-        else None
-    )
+    init_words = None
+    if config.prompt.ctx_init:
+        init_words = prompt_lib.ctx_init_embeddings(clip, config.prompt.ctx_init, config.prompt.n_ctx)
+        if len(init_words) < config.prompt.n_ctx:
+            log.warning(
+                "ctx_init %r fills the last %d of n_ctx=%d context vectors; the others start random. CoOp "
+                "uses exactly the init words: set --config.prompt.n_ctx=%d for its setting.",
+                config.prompt.ctx_init,
+                len(init_words),
+                config.prompt.n_ctx,
+                len(init_words),
+            )
     prompt = prompt_lib.init_context(
         jax.random.key(config.seed),
         spec,
@@ -349,18 +461,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
     text_jit = jax.jit(lambda cp, fe, pr: text_features(module, cp, fe, pr, spec), out_shardings=repl)
 
     def evaluate(class_features, split: str) -> dict:
-        rows = predict_split(
-            predict_jit,
-            clip_params,
-            class_features,
-            pipeline.eval_batches(
-                task, split, global_batch_size=eval_batch_size, process_index=pidx, process_count=pcount
-            ),
-            mesh,
+        batches = pipeline.eval_batches(
+            task, split, global_batch_size=eval_batch_size, process_index=pidx, process_count=pcount
         )
-        return rows
+        return predict_split(predict_jit, clip_params, class_features, batches, mesh)
 
-    results_path = os.path.join(workdir, "results.json")
     zero_shot_path = os.path.join(workdir, "zero_shot.json")
     zero_shot = None
     if config.zero_shot:
@@ -369,10 +474,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
                 zero_shot = json.load(f)
         else:
             t0 = time.time()
-            zs_features = jax.device_put(
-                clip.encode_text(tok_lib.tokenize(_class_prompts(task.template, task.classnames))), repl
-            )
-            rows = evaluate(zs_features, "test")
+            prompts = tok_lib.tokenize(_class_prompts(task.template, task.classnames))
+            rows = evaluate(jax.device_put(clip.encode_text(prompts), repl), "test")
             zero_shot = metrics.classification_metrics(_true_labels(rows), rows["pred"], task.num_classes)
             zero_shot["template"] = task.template
             _write_json(zero_shot_path, zero_shot)
@@ -390,11 +493,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         out_shardings=(repl, repl),
         donate_argnums=(0,),
     )
-    writer = metrics.MetricWriter(workdir, enabled=pidx == 0)
     step = int(state.step)
+    writer = metrics.MetricWriter(workdir, enabled=pidx == 0, resume_step=step)
     train_iter = pipeline.train_batches(
         task,
-        global_batch_size=config.batch_size,
+        global_batch_size=batch_size,
         seed=config.seed,
         augment=config.data.augment,
         start_step=step,
@@ -402,70 +505,82 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         process_count=pcount,
     )
     log.info(
-        "Training %d steps (%d per epoch, %d epochs), loss %s, from step %d",
+        "Training %d steps (%d per epoch, %d epochs, batch %d), loss %s, from step %d",
         total_steps,
         steps_per_epoch,
         config.num_epochs,
+        batch_size,
         config.loss,
         step,
     )
+
+    def check_finite():
+        bad = int(state.first_bad_step)  # a host sync: only at logging and checkpoint steps
+        if bad >= 0:
+            raise FloatingPointError(
+                f"Non-finite loss at step {bad} (loss={config.loss}, compute_dtype="
+                f"{config.model.compute_dtype}). Try compute_dtype=float32 or a lower config.optim.lr; "
+                f"the last finite checkpoint is in {workdir}/checkpoints."
+            )
+
     epoch_evals = []
     window, window_start, window_step = [], time.time(), step
     try:
-        while step < total_steps:
-            batch = sharding.to_global(next(train_iter), mesh)
-            state, step_metrics = train_step(state, clip_params, frozen_embeds, batch)
-            step += 1
-            window.append(step_metrics)
-            last = step == total_steps
-            if step % config.log_every_steps == 0 or last:
-                bad = int(state.first_bad_step)  # the only host sync of the loop
-                if bad >= 0:
-                    raise FloatingPointError(
-                        f"Non-finite loss at step {bad} (loss={config.loss}, compute_dtype={config.model.compute_dtype}). "
-                        "Try compute_dtype=float32 or a lower config.optim.lr; the last checkpoint is in "
-                        f"{workdir}/checkpoints."
+        with _SigintFlag() as sigint:
+            while step < total_steps and not sigint.raised:
+                batch = sharding.to_global(next(train_iter), mesh)
+                state, step_metrics = train_step(state, clip_params, frozen_embeds, batch)
+                step += 1
+                window.append(step_metrics)
+                last = step == total_steps
+                if step % config.log_every_steps == 0 or last:
+                    check_finite()
+                    host = jax.device_get(window)
+                    rate = (step - window_step) / max(time.time() - window_start, 1e-9)
+                    scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                    scalars.update(
+                        lr=float(schedule(step - 1)), steps_per_sec=rate, epoch=(step - 1) // steps_per_epoch
                     )
-                host = jax.device_get(window)
-                elapsed = time.time() - window_start
-                rate = (step - window_step) / max(elapsed, 1e-9)
-                scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                scalars.update(
-                    lr=float(schedule(step - 1)), steps_per_sec=rate, epoch=(step - 1) // steps_per_epoch
+                    writer.write(step, scalars)
+                    log.info(
+                        "step %d/%d  epoch %d/%d  loss %.4f  train_acc %.3f  lr %.2e  %.2f steps/s  ETA %s",
+                        step,
+                        total_steps,
+                        scalars["epoch"] + 1,
+                        config.num_epochs,
+                        scalars["loss"],
+                        scalars["train_accuracy"],
+                        scalars["lr"],
+                        rate,
+                        _format_eta((total_steps - step) / rate),
+                    )
+                    window, window_start, window_step = [], time.time(), step
+                if ckpt.should_save(step):
+                    check_finite()  # never checkpoint a state that has seen a non-finite loss
+                    ckpt.save(step, state)
+                if (
+                    config.eval_every_epochs
+                    and not last
+                    and step % (steps_per_epoch * config.eval_every_epochs) == 0
+                ):
+                    rows = evaluate(text_jit(clip_params, frozen_embeds, state.prompt), "test")
+                    acc = metrics.classification_metrics(_true_labels(rows), rows["pred"], task.num_classes)
+                    epoch_evals.append(
+                        {"step": step, "epoch": step // steps_per_epoch, "test_accuracy": acc["accuracy"]}
+                    )
+                    writer.write(step, {"test_accuracy": acc["accuracy"]})
+                    log.info("epoch %d: test accuracy %.4f", step // steps_per_epoch, acc["accuracy"])
+            check_finite()
+            if ckpt.latest_step != step:
+                ckpt.save(step, state, force=True)
+            if sigint.raised:
+                log.warning(
+                    "Interrupted at step %d; checkpoint saved, rerun with the same workdir to resume.", step
                 )
-                writer.write(step, scalars)
-                log.info(
-                    "step %d/%d  epoch %d/%d  loss %.4f  train_acc %.3f  lr %.2e  %.2f steps/s  ETA %s",
-                    step,
-                    total_steps,
-                    scalars["epoch"] + 1,
-                    config.num_epochs,
-                    scalars["loss"],
-                    scalars["train_accuracy"],
-                    scalars["lr"],
-                    rate,
-                    _format_eta((total_steps - step) / rate),
-                )
-                window, window_start, window_step = [], time.time(), step
-            ckpt.save(step, state)
-            if (
-                config.eval_every_epochs
-                and step % (steps_per_epoch * config.eval_every_epochs) == 0
-                and not last
-            ):
-                rows = evaluate(text_jit(clip_params, frozen_embeds, state.prompt), "test")
-                acc = metrics.classification_metrics(_true_labels(rows), rows["pred"], task.num_classes)[
-                    "accuracy"
-                ]
-                epoch_evals.append({"step": step, "epoch": step // steps_per_epoch, "test_accuracy": acc})
-                writer.write(step, {"test_accuracy": acc})
-                log.info("epoch %d: test accuracy %.4f", step // steps_per_epoch, acc)
-    except KeyboardInterrupt:
-        _final_save(ckpt, step, state)
-        log.warning("Interrupted at step %d; checkpoint saved, rerun with the same workdir to resume.", step)
-        raise
-    _final_save(ckpt, step, state)
-    writer.close()
+                raise KeyboardInterrupt
+    finally:
+        ckpt.close()
+        writer.close()
 
     if pidx == 0:  # the learned prompt, reusable without orbax
         np.savez(
@@ -514,11 +629,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         "prompt": config.prompt.to_dict(),
         "steps": step,
         "epochs": config.num_epochs,
+        "epochs_completed": step / steps_per_epoch,
+        "batch_size": batch_size,
         "zero_shot": zero_shot,
         "final": final,
         "epoch_evals": epoch_evals,
         "train": train_diag,
         "wall_time_s": time.time() - start_time,
     }
-    _write_json(results_path, results)
+    _write_json(os.path.join(workdir, "results.json"), results)
     return results

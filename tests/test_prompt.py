@@ -63,6 +63,20 @@ def test_context_of_real_words_equals_the_sentence(clip, position, sentence):
     assert (spec.token_ids[np.arange(len(CLASSNAMES)), spec.eot_index] == 49407).all()
 
 
+def test_names_ending_in_punctuation_tokenize_as_the_sentence(clip):
+    """ "impala (antelope)." ends in the single token ")." in CoOp's whole-sentence tokenization."""
+    names = ["impala (antelope)", "kite (bird of prey)", "crane (bird)"]
+    spec = prompt_lib.build_prompt_spec(names, n_ctx=4, class_token_position="end")
+    words = prompt_lib.ctx_init_embeddings(clip, WORDS, n_ctx=4)
+    ctx = prompt_lib.init_context(jax.random.key(0), spec, 32, init_embeddings=words)["ctx"]
+    embeds = prompt_lib.assemble(clip.token_embeddings(spec.token_ids), ctx, spec.ctx_positions)
+    want_ids = tokenize([f"{WORDS} {n}." for n in names])
+    np.testing.assert_array_equal(spec.token_ids[:, 5:], want_ids[:, 5 : spec.token_ids.shape[1]])
+    np.testing.assert_allclose(
+        clip.encode_text_embeddings(embeds, spec.eot_index), clip.encode_text(want_ids), rtol=2e-5, atol=2e-5
+    )
+
+
 def test_ctx_positions_per_class_token_position():
     # "cat" is one token, "sea lion" two.
     end = prompt_lib.build_prompt_spec(["cat", "sea lion"], n_ctx=3, class_token_position="end")

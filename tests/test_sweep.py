@@ -267,7 +267,7 @@ def test_foreign_results_are_an_error_not_a_skip(tmp_path, monkeypatch):
         sweep.run_sweep(base, str(tmp_path), ["sym"], [0.5], ["ce", "dspt"], [1])
     # The same grid on a changed base config: its saved config.json differs.
     base.optim.lr = 0.1
-    with pytest.raises(ValueError, match="optim.lr: found 0.002, expected 0.1"):
+    with pytest.raises(ValueError, match="optim.lr: workdir has 0.002, this run 0.1"):
         sweep.run_sweep(base, str(tmp_path), ["sym"], [0.5], ["ce"], [1])
     assert len(fake.calls) == 2
 
@@ -343,7 +343,7 @@ def test_command_line(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.ERROR, logger="dspt_jax"):
         assert sweep.cli(parse(argv + ["--config.optim.lr=0.1"])) == 2
         assert (
-            "sym_r0.250/ce/seed2 holds a run of a different setting (optim.lr: found 0.002, expected 0.1)"
+            "sym_r0.250/ce/seed2 holds a run of a different setting (optim.lr: workdir has 0.002, this run 0.1)"
             in caplog.text.replace(os.sep, "/")
         )
         assert sweep.cli(parse(argv + ["--seeds=one"])) == 2

@@ -112,12 +112,15 @@ def test_nonfinite_loss_is_recorded_with_its_step():
 
 
 def test_coop_schedule():
+    """Dassl's ConstantWarmupScheduler + CosineAnnealingLR stepped per epoch, with the warmup recount:
+    the first epoch after warmup trains at the full lr and the cosine restarts there."""
     config = default_config()
     schedule = train.coop_lr_schedule(config.optim, num_epochs=200, steps_per_epoch=10)
     assert float(schedule(0)) == pytest.approx(1e-5)
     assert float(schedule(9)) == pytest.approx(1e-5)
-    assert float(schedule(10)) == pytest.approx(0.5 * 0.002 * (1 + np.cos(np.pi / 200)))
-    assert float(schedule(1999)) == pytest.approx(0.5 * 0.002 * (1 + np.cos(np.pi * 199 / 200)), rel=1e-3)
+    assert float(schedule(10)) == pytest.approx(0.002)
+    assert float(schedule(29)) == pytest.approx(0.5 * 0.002 * (1 + np.cos(np.pi / 200)))
+    assert float(schedule(1999)) == pytest.approx(0.5 * 0.002 * (1 + np.cos(np.pi * 198 / 200)), rel=1e-3)
 
 
 def test_classification_metrics_by_hand():
@@ -160,6 +163,7 @@ def test_smoke_run_outputs(straight_run):
     assert json.load(open(os.path.join(workdir, "config.json")))["loss"] == "dspt"
     lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert [l["step"] for l in lines] == [2, 4, 6, 8, 10, 12]
+    assert on_disk["batch_size"] == 8 and on_disk["epochs_completed"] == 3
     assert all({"loss", "lr", "steps_per_sec"} <= set(l) for l in lines)
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     record = os.listdir(os.path.join(workdir, "noise"))
@@ -192,7 +196,9 @@ def test_resume_reaches_the_same_prompt(straight_run, tmp_path):
         atol=1e-7,
     )
     straight = {l["step"]: l["loss"] for l in read_jsonl(os.path.join(straight_dir, "metrics.jsonl"))}
-    for line in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
+    resumed_lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [l["step"] for l in resumed_lines] == sorted(straight)  # each step logged once across the restart
+    for line in resumed_lines:
         assert line["loss"] == pytest.approx(straight[line["step"]], rel=1e-5)
     assert resumed["final"]["accuracy"] == pytest.approx(
         json.load(open(os.path.join(straight_dir, "results.json")))["final"]["accuracy"]
@@ -277,3 +283,70 @@ def test_bad_config_fails_at_startup(tmp_path, overrides, message):
         train.train_and_evaluate(smoke_config(**overrides), str(workdir))
     assert time.time() - start < 5
     assert not workdir.exists()  # failed before writing anything or loading data/weights
+
+
+def test_resuming_a_different_setting_is_refused(straight_run):
+    workdir, _, _ = straight_run
+    with pytest.raises(ValueError, match=r"different setting \(loss: workdir has 'dspt', this run 'ce'"):
+        train.train_and_evaluate(smoke_config(loss="ce"), workdir)
+
+
+def test_url_workdir_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="is a URL"):
+        train.train_and_evaluate(smoke_config(), "gs://bucket/runs/x")
+
+
+def test_training_set_smaller_than_the_batch(tmp_path):
+    """1 shot x 4 classes < batch 8: one batch of the whole set per epoch (CoOp's drop_last rule)."""
+    results = train.train_and_evaluate(
+        smoke_config(**{"data.shots": 1, "noise.kind": "none", "noise.rate": 0.0, "zero_shot": False}),
+        str(tmp_path),
+    )
+    assert results["batch_size"] == 4 and results["steps"] == 3  # 3 epochs of 1 step
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    import signal
+
+    workdir = str(tmp_path / "run")
+    cmd = [
+        sys.executable,
+        "-m",
+        "dspt_jax.main",
+        "--config=configs/smoke.py",
+        f"--workdir={workdir}",
+        "--config.num_epochs=400",
+        "--config.log_every_steps=1",
+        "--config.zero_shot=False",
+        "--config.eval_train=False",
+        "--config.checkpoint_every_steps=100000",
+    ]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    for line in proc.stdout:  # wait until training is under way
+        if " step 5/" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0 and "checkpoint saved" in out, out[-2000:]
+    # Orbax keeps its first step; the other is the step Ctrl-C stopped at, though no periodic save was due.
+    stopped = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert stopped >= 5
+    resumed = train.train_and_evaluate(
+        smoke_config(
+            **{
+                "num_epochs": 400,
+                "max_steps": stopped + 2,
+                "zero_shot": False,
+                "eval_train": False,
+                "log_every_steps": 1,
+                "checkpoint_every_steps": 100000,
+            }
+        ),
+        workdir,
+    )
+    assert resumed["steps"] == stopped + 2
+    steps = [l["step"] for l in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+    assert steps == list(range(1, stopped + 3))

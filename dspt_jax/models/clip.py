@@ -79,7 +79,9 @@ class CLIPConfig:
             return klass(**{k: v for k, v in (sub or {}).items() if k in names})
 
         text = pick(TextConfig, d.get("text_config"))
-        vision = pick(VisionConfig, d.get("vision_config"))
+        # transformers' CLIPVisionConfig defaults to patch 32 (ours, ViT-B/16's 16): a config.json that
+        # omits the key means 32.
+        vision = pick(VisionConfig, {"patch_size": 32, **(d.get("vision_config") or {})})
         for act in (text.hidden_act, vision.hidden_act):
             if act not in _ACTIVATIONS:
                 raise ValueError(f"Unsupported hidden_act {act!r}; known: {sorted(_ACTIVATIONS)}")

@@ -55,27 +55,33 @@ def build_prompt_spec(
         raise ValueError("no class names")
     tok = tok_lib.get_tokenizer()
     placeholder = tok.encode("X")[0]
-    period = tok.encode(".")
     rows, positions = [], []
     for name in classnames:
-        name_ids = tok.encode(name.replace("_", " "))
-        if not name_ids:
+        name = name.replace("_", " ")
+        # Tokenize "name." as one text, as CoOp does: a name ending in punctuation merges with the period
+        # ("impala (antelope)." ends in the single token ")."). The class part is its first len(name) tokens.
+        name_len = len(tok.encode(name))
+        if not name_len:
             raise ValueError(f"class name {name!r} has no tokens")
-        ctx = [placeholder] * n_ctx
+        tail = tok.encode(name + ".")
+        name_ids, rest = tail[:name_len], tail[name_len:]
         half = n_ctx // 2
-        body = {"end": ctx + name_ids, "front": name_ids + ctx, "middle": ctx[:half] + name_ids + ctx[half:]}[
-            class_token_position
-        ]
-        start = {"end": 0, "front": len(name_ids), "middle": None}[class_token_position]
-        if start is None:
-            slots = list(range(half)) + list(range(half + len(name_ids), n_ctx + len(name_ids)))
-        else:
-            slots = list(range(start, start + n_ctx))
-        ids = [tok.sot_token] + body + period + [tok.eot_token]
+        ctx = [placeholder] * n_ctx
+        body = {
+            "end": ctx + tail,
+            "front": name_ids + ctx + rest,
+            "middle": ctx[:half] + name_ids + ctx[half:] + rest,
+        }[class_token_position]
+        slots = {
+            "end": list(range(n_ctx)),
+            "front": list(range(name_len, name_len + n_ctx)),
+            "middle": list(range(half)) + list(range(half + name_len, n_ctx + name_len)),
+        }[class_token_position]
+        ids = [tok.sot_token] + body + [tok.eot_token]
         if len(ids) > context_length:
             raise ValueError(
-                f"prompt for class {name!r} needs {len(ids)} tokens with n_ctx={n_ctx}; the text "
-                f"encoder takes {context_length}. Use a shorter class name or fewer context tokens."
+                f"prompt for class {name!r} needs {len(ids)} tokens with n_ctx={n_ctx}; the text encoder "
+                f"takes {context_length}. Use a shorter class name or fewer context tokens."
             )
         rows.append(ids)
         positions.append([1 + s for s in slots])
