@@ -53,5 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.eval_every_epochs = 0  # 0: only at the end
     config.eval_train = True  # clean-label accuracy and fitted flipped examples on the training set
     config.log_every_steps = 20
+    # Non-empty (e.g. ("ce", "dspt")): `dspt_jax.main` trains once per loss on this setting and prints a
+    # comparison table (configs/demo.py); `loss` is then ignored.
+    config.compare_losses = ()
     config.checkpoint_every_steps = 500
     return config

@@ -58,7 +58,12 @@ def main(argv):
         jax.process_count(),
         jax.devices(),
     )
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _CONFIG.value.get("compare_losses"):  # configs/demo.py: several losses on one setting, one table
+        from dspt_jax import demo
+
+        demo.run_demo(_CONFIG.value, _WORKDIR.value)
+    else:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

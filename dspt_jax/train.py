@@ -12,6 +12,7 @@ respect to the prompt only, so the frozen towers cost no weight gradients.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -26,7 +27,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import logging
 from jax.experimental import multihost_utils
 
 from dspt_jax import checkpointing, losses, metrics, sharding
@@ -69,7 +69,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
     if config.data.name not in datasets.OWN_DATA_NAMES:
         datasets.canonical_name(config.data.name)  # unknown name -> ValueError listing the valid ones
-    losses.get_loss_fn(config.loss, gce_q=config.gce_q)
+    for loss in (config.loss, *config.get("compare_losses", ())):
+        losses.get_loss_fn(loss, gce_q=config.gce_q)
     noise.NoiseSpec(
         kind=config.noise.kind,
         rate=config.noise.rate,
@@ -251,12 +252,16 @@ def _class_prompts(template: str, classnames) -> list[str]:
 # The run.
 
 
+def _json_default(o):
+    return o.tolist() if hasattr(o, "tolist") else str(o)
+
+
 def _write_json(path: str, obj) -> None:
     if jax.process_index() != 0:
         return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+        json.dump(obj, f, indent=2, default=_json_default)
     os.replace(tmp, path)
 
 
@@ -292,7 +297,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _as_json(obj):
-    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    return json.loads(json.dumps(obj, default=_json_default))
 
 
 def config_mismatches(saved: dict, config: ml_collections.ConfigDict) -> list[str]:

@@ -292,11 +292,16 @@ def load_clip(
     """Loads a CLIP from a local directory or a Hugging Face hub id ("openai/clip-vit-base-patch16").
 
     Args:
-      source: a directory with `config.json` and weights, a hub id, or "random:<preset>" (random weights
-        with the shapes of `dspt_jax.models.clip.PRESETS[preset]`: "vit_b16", "vit_b32", "tiny").
+      source: a directory with `config.json` and weights, a hub id, "random:<preset>" (random weights
+        with the shapes of `dspt_jax.models.clip.PRESETS[preset]`: "vit_b16", "vit_b32", "tiny"), or
+        "synthetic" (the tiny CLIP of the offline synthetic world, pretrained and cached on first use).
       dtype: compute dtype of the towers (parameters stay float32).
       revision, cache_dir: passed to the hub client.
     """
+    if source == "synthetic" or source.startswith("synthetic:"):
+        from dspt_jax import pretrain  # the tiny CLIP of the offline synthetic world, pretrained on first use
+
+        source = pretrain.resolve_model_source(source)
     if source.startswith("random:"):
         preset = source.split(":", 1)[1]
         if preset not in PRESETS:
