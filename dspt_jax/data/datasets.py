@@ -442,7 +442,7 @@ def register_array_dataset(
 
 
 # Datasets generated in memory by a module's ``register()``, registered on first use.
-GENERATED = {"toy": "dspt_jax.data.toy"}
+GENERATED = {"toy": "dspt_jax.data.toy", "synthetic": "dspt_jax.data.synthetic"}
 
 
 def canonical_name(name: str) -> str:
