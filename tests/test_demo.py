@@ -33,7 +33,9 @@ def test_reduced_demo_end_to_end(tmp_path, monkeypatch):
     # The pretrained CLIP was written in the HF layout and went through load_clip.
     cached = [d for d in os.listdir(tmp_path / "cache" / "synthetic_clip") if not d.endswith(".lock")]
     assert len(cached) == 1
-    assert {"config.json", "flax_model.msgpack"} <= set(os.listdir(tmp_path / "cache" / "synthetic_clip" / cached[0]))
+    assert {"config.json", "flax_model.msgpack"} <= set(
+        os.listdir(tmp_path / "cache" / "synthetic_clip" / cached[0])
+    )
     table = open(os.path.join(workdir, "demo_table.md")).read()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [r.split(" | ")[0] for r in rows] == ["| zero-shot CLIP", "| CoOp (CE)", "| DSPT"]
@@ -51,11 +53,17 @@ def test_reduced_demo_end_to_end(tmp_path, monkeypatch):
 
 def test_format_table_by_hand():
     def result(loss, acc, f1, fitted):
-        return {"dataset": "synthetic", "shots": 16, "seed": 1, "model": "synthetic", "loss": loss,
-                "noise": {"kind": "sym", "rate": 0.25},
-                "zero_shot": {"accuracy": 0.4, "macro_f1": 0.35},
-                "final": {"accuracy": acc, "macro_f1": f1},
-                "train": {"fitted_flipped": fitted, "num_flipped": 120}}
+        return {
+            "dataset": "synthetic",
+            "shots": 16,
+            "seed": 1,
+            "model": "synthetic",
+            "loss": loss,
+            "noise": {"kind": "sym", "rate": 0.25},
+            "zero_shot": {"accuracy": 0.4, "macro_f1": 0.35},
+            "final": {"accuracy": acc, "macro_f1": f1},
+            "train": {"fitted_flipped": fitted, "num_flipped": 120},
+        }
 
     table = demo.format_table({"ce": result("ce", 0.5, 0.45, 80), "dspt": result("dspt", 0.55, 0.5, 10)})
     assert table.splitlines()[0] == "synthetic, 16 shots, noise sym 25%, seed 1, model synthetic"

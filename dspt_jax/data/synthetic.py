@@ -138,16 +138,39 @@ class Domain:
 
 # The pretraining images: every attribute equally likely, light to mid-gray backgrounds, mild random casts.
 WEB_DOMAIN = Domain(
-    name="web", size_probs=(1 / 3, 1 / 3, 1 / 3), texture_probs=(0.4, 0.2, 0.2, 0.2), clutter=(0, 3),
-    bg_gray=(70.0, 200.0), bg_tint=25.0, bg_blotch=10.0, noise_std=6.0, colour_jitter=18.0,
-    cast=(1.0, 1.0, 1.0), cast_jitter=0.06, desaturate=0.0, position_spread=0.3)
+    name="web",
+    size_probs=(1 / 3, 1 / 3, 1 / 3),
+    texture_probs=(0.4, 0.2, 0.2, 0.2),
+    clutter=(0, 3),
+    bg_gray=(70.0, 200.0),
+    bg_tint=25.0,
+    bg_blotch=10.0,
+    noise_std=6.0,
+    colour_jitter=18.0,
+    cast=(1.0, 1.0, 1.0),
+    cast_jitter=0.06,
+    desaturate=0.0,
+    position_spread=0.3,
+)
 # The downstream images: another camera, whose colours are turned 25 degrees around the gray axis and
 # washed out (orange drifts towards red, purple towards blue), on darker, blotchier, noisier backgrounds
 # with more clutter, smaller objects and more textured surfaces.
 TARGET_DOMAIN = Domain(
-    name="target", size_probs=(0.4, 0.4, 0.2), texture_probs=(0.25, 0.25, 0.25, 0.25), clutter=(1, 3),
-    bg_gray=(35.0, 120.0), bg_tint=20.0, bg_blotch=22.0, noise_std=10.0, colour_jitter=18.0,
-    cast=(1.0, 1.0, 1.0), cast_jitter=0.03, desaturate=0.2, position_spread=0.3, hue_shift=-25.0)
+    name="target",
+    size_probs=(0.4, 0.4, 0.2),
+    texture_probs=(0.25, 0.25, 0.25, 0.25),
+    clutter=(1, 3),
+    bg_gray=(35.0, 120.0),
+    bg_tint=20.0,
+    bg_blotch=22.0,
+    noise_std=10.0,
+    colour_jitter=18.0,
+    cast=(1.0, 1.0, 1.0),
+    cast_jitter=0.03,
+    desaturate=0.2,
+    position_spread=0.3,
+    hue_shift=-25.0,
+)
 DOMAINS = {"web": WEB_DOMAIN, "target": TARGET_DOMAIN}
 
 
@@ -159,28 +182,28 @@ class Scenes:
     image side; clutter arrays are [N, M] with `clutter_on` marking the real distractors.
     """
 
-    shape: np.ndarray        # int [N]
-    colour: np.ndarray       # int [N]
-    size: np.ndarray         # int [N]
-    texture: np.ndarray      # int [N]
-    rgb: np.ndarray          # float [N, 3] jittered object colour
-    radius: np.ndarray       # float [N]
-    center: np.ndarray       # float [N, 2] (x, y)
-    angle: np.ndarray        # float [N] radians
-    tex_period: np.ndarray   # float [N]
-    tex_angle: np.ndarray    # float [N]
-    tex_phase: np.ndarray    # float [N, 2]
-    bg: np.ndarray           # float [N, 2, 3] gradient end colours
-    bg_dir: np.ndarray       # float [N] gradient direction
-    blotch: np.ndarray       # float [N, 4, 4, 3] low-frequency background field in [-1, 1]
-    cast: np.ndarray         # float [N, 3]
-    clutter_on: np.ndarray   # bool [N, M]
-    clutter_shape: np.ndarray   # int [N, M]
-    clutter_rgb: np.ndarray     # float [N, M, 3]
+    shape: np.ndarray  # int [N]
+    colour: np.ndarray  # int [N]
+    size: np.ndarray  # int [N]
+    texture: np.ndarray  # int [N]
+    rgb: np.ndarray  # float [N, 3] jittered object colour
+    radius: np.ndarray  # float [N]
+    center: np.ndarray  # float [N, 2] (x, y)
+    angle: np.ndarray  # float [N] radians
+    tex_period: np.ndarray  # float [N]
+    tex_angle: np.ndarray  # float [N]
+    tex_phase: np.ndarray  # float [N, 2]
+    bg: np.ndarray  # float [N, 2, 3] gradient end colours
+    bg_dir: np.ndarray  # float [N] gradient direction
+    blotch: np.ndarray  # float [N, 4, 4, 3] low-frequency background field in [-1, 1]
+    cast: np.ndarray  # float [N, 3]
+    clutter_on: np.ndarray  # bool [N, M]
+    clutter_shape: np.ndarray  # int [N, M]
+    clutter_rgb: np.ndarray  # float [N, M, 3]
     clutter_radius: np.ndarray  # float [N, M]
     clutter_center: np.ndarray  # float [N, M, 2]
-    clutter_angle: np.ndarray   # float [N, M]
-    noise_seed: np.ndarray      # int [N]
+    clutter_angle: np.ndarray  # float [N, M]
+    noise_seed: np.ndarray  # int [N]
     domain: Domain
 
     def __len__(self) -> int:
@@ -195,8 +218,14 @@ def _names_to_indices(names, table, what) -> np.ndarray:
     return np.array([index[n] for n in names], np.int64)
 
 
-def sample_scenes(rng: np.random.Generator, n: int, domain: Domain, *, shape: np.ndarray | None = None,
-                  colour: np.ndarray | None = None) -> Scenes:
+def sample_scenes(
+    rng: np.random.Generator,
+    n: int,
+    domain: Domain,
+    *,
+    shape: np.ndarray | None = None,
+    colour: np.ndarray | None = None,
+) -> Scenes:
     """Draws N scenes in `domain`. `shape` / `colour` (index arrays [N]) fix the main object's class;
     otherwise they are uniform over all SHAPES / COLOURS."""
     if not isinstance(domain, Domain):
@@ -208,7 +237,9 @@ def sample_scenes(rng: np.random.Generator, n: int, domain: Domain, *, shape: np
     if shape.shape != (n,) or colour.shape != (n,):
         raise ValueError(f"shape and colour must be int [{n}], got {shape.shape} and {colour.shape}")
     size = rng.choice(len(SIZES), size=n, p=np.asarray(domain.size_probs) / sum(domain.size_probs))
-    texture = rng.choice(len(TEXTURES), size=n, p=np.asarray(domain.texture_probs) / sum(domain.texture_probs))
+    texture = rng.choice(
+        len(TEXTURES), size=n, p=np.asarray(domain.texture_probs) / sum(domain.texture_probs)
+    )
     lo = np.array([r[0] for r in _SIZE_RANGES])[size]
     hi = np.array([r[1] for r in _SIZE_RANGES])[size]
     radius = rng.uniform(lo, hi)
@@ -217,7 +248,8 @@ def sample_scenes(rng: np.random.Generator, n: int, domain: Domain, *, shape: np
     center = 0.5 + rng.uniform(-room, room, size=(n, 2))
     palette = np.array(list(COLOURS.values()), np.float64)
     rgb = palette[colour] * rng.uniform(0.9, 1.1, size=(n, 1)) + rng.uniform(
-        -domain.colour_jitter, domain.colour_jitter, size=(n, 3))
+        -domain.colour_jitter, domain.colour_jitter, size=(n, 3)
+    )
     gray = rng.uniform(*domain.bg_gray, size=(n, 2, 1))
     bg = gray + rng.uniform(-domain.bg_tint, domain.bg_tint, size=(n, 2, 3))
     m = domain.clutter[1]
@@ -226,21 +258,36 @@ def sample_scenes(rng: np.random.Generator, n: int, domain: Domain, *, shape: np
     clutter_radius = rng.uniform(*_CLUTTER_RADIUS, size=(n, m))
     clutter_rgb = palette[rng.integers(len(COLOURS), size=(n, m))] + rng.uniform(-25, 25, size=(n, m, 3))
     return Scenes(
-        shape=shape, colour=colour, size=size, texture=texture, rgb=rgb, radius=radius, center=center,
+        shape=shape,
+        colour=colour,
+        size=size,
+        texture=texture,
+        rgb=rgb,
+        radius=radius,
+        center=center,
         angle=np.deg2rad(rng.uniform(-_MAX_ANGLE_DEG, _MAX_ANGLE_DEG, size=n)),
-        tex_period=rng.uniform(*_TEXTURE_PERIOD, size=n), tex_angle=rng.uniform(0, np.pi, size=n),
-        tex_phase=rng.uniform(0, 1, size=(n, 2)), bg=bg, bg_dir=rng.uniform(0, 2 * np.pi, size=n),
+        tex_period=rng.uniform(*_TEXTURE_PERIOD, size=n),
+        tex_angle=rng.uniform(0, np.pi, size=n),
+        tex_phase=rng.uniform(0, 1, size=(n, 2)),
+        bg=bg,
+        bg_dir=rng.uniform(0, 2 * np.pi, size=n),
         blotch=rng.uniform(-1, 1, size=(n, 4, 4, 3)),
-        cast=np.asarray(domain.cast) * rng.uniform(1 - domain.cast_jitter, 1 + domain.cast_jitter, size=(n, 3)),
-        clutter_on=clutter_on, clutter_shape=rng.integers(len(SHAPES), size=(n, m)), clutter_rgb=clutter_rgb,
+        cast=np.asarray(domain.cast)
+        * rng.uniform(1 - domain.cast_jitter, 1 + domain.cast_jitter, size=(n, 3)),
+        clutter_on=clutter_on,
+        clutter_shape=rng.integers(len(SHAPES), size=(n, m)),
+        clutter_rgb=clutter_rgb,
         clutter_radius=clutter_radius,
         clutter_center=rng.uniform(clutter_radius[..., None], 1 - clutter_radius[..., None], size=(n, m, 2)),
         clutter_angle=np.deg2rad(rng.uniform(-_MAX_ANGLE_DEG, _MAX_ANGLE_DEG, size=(n, m))),
-        noise_seed=rng.integers(2**31, size=n), domain=domain)
+        noise_seed=rng.integers(2**31, size=n),
+        domain=domain,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Rendering.
+
 
 def _polygon_sdf(u, v, sides: int, radius: float, offset: float) -> np.ndarray:
     """Signed distance (exact inside, slightly under outside) to a regular polygon of circumradius
@@ -274,8 +321,9 @@ def shape_sdf(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         bump = ((1 + np.cos(5 * theta)) / 2) ** 2
         return (rho - (0.45 + 0.65 * bump)) * 0.6  # 0.6: the radial distance overstates the true one
     if name == "cross":  # a plus sign
-        return np.minimum(np.maximum(np.abs(u) - 0.3, np.abs(v) - 0.95),
-                          np.maximum(np.abs(v) - 0.3, np.abs(u) - 0.95))
+        return np.minimum(
+            np.maximum(np.abs(u) - 0.3, np.abs(v) - 0.95), np.maximum(np.abs(v) - 0.3, np.abs(u) - 0.95)
+        )
     raise ValueError(f"unknown shape {name!r}; valid: {list(SHAPES)}")
 
 
@@ -327,7 +375,7 @@ def _upsample_blotch(blotch: np.ndarray, image_size: int) -> np.ndarray:
     blotch = blotch.astype(np.float32)
     pos = _grid(image_size) * (g - 1)
     i0 = np.clip(np.floor(pos).astype(int), 0, g - 2)
-    w = (pos - i0)
+    w = pos - i0
     rows = blotch[:, i0] * (1 - w[None, :, None, None]) + blotch[:, i0 + 1] * w[None, :, None, None]
     return rows[:, :, i0] * (1 - w[None, None, :, None]) + rows[:, :, i0 + 1] * w[None, None, :, None]
 
@@ -348,8 +396,10 @@ def render(scenes: Scenes, image_size: int = 32) -> np.ndarray:
     n, s, d = len(scenes), int(image_size), scenes.domain
     f32 = lambda a: np.asarray(a, np.float32)
     grid = _grid(s) - 0.5
-    ramp = grid[None, None, :] * f32(np.cos(scenes.bg_dir))[:, None, None] + grid[None, :, None] * f32(
-        np.sin(scenes.bg_dir))[:, None, None]
+    ramp = (
+        grid[None, None, :] * f32(np.cos(scenes.bg_dir))[:, None, None]
+        + grid[None, :, None] * f32(np.sin(scenes.bg_dir))[:, None, None]
+    )
     ramp = np.clip(ramp + 0.5, 0, 1)[..., None]
     bg = f32(scenes.bg)
     img = bg[:, None, None, 0] + (bg[:, None, None, 1] - bg[:, None, None, 0]) * ramp
@@ -357,8 +407,13 @@ def render(scenes: Scenes, image_size: int = 32) -> np.ndarray:
     # Distractors, all at once, then composited in order (later ones on top).
     on = scenes.clutter_on
     alpha = np.zeros(on.shape + (s, s), np.float32)
-    alpha[on] = _coverage(scenes.clutter_shape[on], scenes.clutter_center[on], scenes.clutter_radius[on],
-                          scenes.clutter_angle[on], s)
+    alpha[on] = _coverage(
+        scenes.clutter_shape[on],
+        scenes.clutter_center[on],
+        scenes.clutter_radius[on],
+        scenes.clutter_angle[on],
+        s,
+    )
     rgb = f32(scenes.clutter_rgb)
     for j in range(on.shape[1]):
         if on[:, j].any():
@@ -385,8 +440,17 @@ def render(scenes: Scenes, image_size: int = 32) -> np.ndarray:
 # A caption is [lead] object [where] [company] [background] + ".", each optional part drawn at random.
 # The leads include CoOp's "a photo of" (common in real alt-text). Lengths run from 3 to 22 BPE tokens,
 # so every text position a CoOp prompt uses (end token at <= 21 with 16 context tokens) is trained.
-_LEADS = ("", "", "a photo of ", "a photo of ", "a picture of ", "an image of ", "a drawing of ",
-          "there is ", "a rendering of ")
+_LEADS = (
+    "",
+    "",
+    "a photo of ",
+    "a photo of ",
+    "a picture of ",
+    "an image of ",
+    "a drawing of ",
+    "there is ",
+    "a rendering of ",
+)
 # How often each optional part is said.
 _P_COLOUR, _P_SIZE, _P_TEXTURE = 0.9, 0.6, 0.6
 _P_WHERE, _P_COMPANY, _P_BACKGROUND = 0.35, 0.3, 0.25
@@ -437,8 +501,12 @@ def caption(scenes: Scenes, i: int, rng: np.random.Generator) -> str:
     extra = rng.random()  # at most one of the company and background clauses
     if extra < _P_COMPANY:
         if n_clutter and rng.random() < 0.5:  # name the first distractor
-            parts.append("next to a small " + _nearest_colour(scenes.clutter_rgb[i, 0]) + " "
-                         + SHAPES[scenes.clutter_shape[i, 0]])
+            parts.append(
+                "next to a small "
+                + _nearest_colour(scenes.clutter_rgb[i, 0])
+                + " "
+                + SHAPES[scenes.clutter_shape[i, 0]]
+            )
         else:
             count = _NUMBER_WORDS[min(n_clutter, len(_NUMBER_WORDS) - 1)]
             parts.append(f"with {count} small shape{'' if n_clutter == 1 else 's'} around it")
@@ -454,8 +522,9 @@ def captions(scenes: Scenes, rng: np.random.Generator) -> list[str]:
 CAPTION_PATTERN = re.compile(r"^[a-z]+([ -][a-z]+)*\.$")
 
 
-def pretraining_batch(seed: int, step: int, batch_size: int, image_size: int = 32,
-                      domain: Domain = WEB_DOMAIN) -> tuple[np.ndarray, list[str]]:
+def pretraining_batch(
+    seed: int, step: int, batch_size: int, image_size: int = 32, domain: Domain = WEB_DOMAIN
+) -> tuple[np.ndarray, list[str]]:
     """Image-caption pairs of pretraining step `step`: a pure function of (seed, step, sizes)."""
     rng = np.random.default_rng([int(seed), int(step), 0x57454221])
     scenes = sample_scenes(rng, batch_size, domain)
@@ -464,6 +533,7 @@ def pretraining_batch(seed: int, step: int, batch_size: int, image_size: int = 3
 
 # ---------------------------------------------------------------------------------------------------------
 # The downstream task.
+
 
 def classnames() -> list[str]:
     """The 30 prompt-ready class names, "{colour} {shape}", colour-major."""
@@ -477,27 +547,30 @@ def class_attributes() -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(colours, len(shapes)), np.tile(shapes, len(colours))
 
 
-def make_split(per_class: int, seed: int, image_size: int = 32, domain: Domain = TARGET_DOMAIN,
-               stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def make_split(
+    per_class: int, seed: int, image_size: int = 32, domain: Domain = TARGET_DOMAIN, stream: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Balanced downstream images: (uint8 [K * per_class, S, S, 3], int64 labels), classes interleaved
     in a seeded random order. `stream` keeps splits of one seed apart."""
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
     colour, shape = class_attributes()
     k = colour.size
-    rng = np.random.default_rng([int(seed), int(stream), 0x444f574e])
+    rng = np.random.default_rng([int(seed), int(stream), 0x444F574E])
     labels = rng.permutation(np.repeat(np.arange(k), per_class))
     scenes = sample_scenes(rng, labels.size, domain, shape=shape[labels], colour=colour[labels])
     return render(scenes, image_size), labels.astype(np.int64)
 
 
-def register(seed: int = 0, train_per_class: int = 40, test_per_class: int = 50, image_size: int = 32,
-             name: str = NAME) -> datasets.DatasetInfo:
+def register(
+    seed: int = 0, train_per_class: int = 40, test_per_class: int = 50, image_size: int = 32, name: str = NAME
+) -> datasets.DatasetInfo:
     """Builds the downstream task and registers (or replaces) it as `name` in the dataset registry.
 
     The image size must match the CLIP's input size (32 for the default pretraining recipe).
     """
     train = make_split(train_per_class, seed, image_size, stream=1)
     test = make_split(test_per_class, seed, image_size, stream=2)
-    return datasets.register_array_dataset(name, classnames(), train=train, test=test,
-                                           template=DOWNSTREAM_TEMPLATE, overwrite=True)
+    return datasets.register_array_dataset(
+        name, classnames(), train=train, test=test, template=DOWNSTREAM_TEMPLATE, overwrite=True
+    )
