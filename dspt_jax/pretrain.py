@@ -48,7 +48,14 @@ import optax
 
 from dspt_jax import tokenizer as tok_lib
 from dspt_jax.data import synthetic
-from dspt_jax.models.clip import CLIPConfig, CLIPModule, TextConfig, VisionConfig, l2_normalize
+from dspt_jax.data.config import CLIP_MEAN, CLIP_STD
+from dspt_jax.models.clip import (
+    CLIPConfig,
+    CLIPModule,
+    TextConfig,
+    VisionConfig,
+    l2_normalize,
+)
 from dspt_jax.models.loading import CLIP, init_clip, load_clip, save_clip
 
 # Bump when this training code changes what a recipe produces (part of the cache hash).
@@ -56,9 +63,6 @@ VERSION = 1
 SOURCE_PREFIX = "synthetic"
 _CACHE_ENV = "DSPT_JAX_CACHE"
 _WEIGHTS = ("config.json", "flax_model.msgpack")
-# CLIP's input normalization; must equal dspt_jax.data.pipeline's (that module imports TensorFlow).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _MAX_LOG_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 100
 
 

@@ -5,7 +5,6 @@ real tokenizer, a float64 numpy InfoNCE, the pipeline's normalization constants 
 counts / mtimes for the cache. Pretraining uses the reduced recipe RECIPES["small"] (seconds) in tmp_path.
 """
 
-import ast
 import dataclasses
 import math
 import os
@@ -273,16 +272,10 @@ def test_learning_rate_schedule_by_hand():
 
 
 def test_normalization_equals_the_pipeline():
-    # pipeline.py imports TensorFlow; read its constants from the source instead.
-    tree = ast.parse((pathlib.Path(datasets.__file__).parent / "pipeline.py").read_text())
-    consts = {
-        t.id: ast.literal_eval(node.value)
-        for node in tree.body
-        if isinstance(node, ast.Assign)
-        for t in node.targets
-        if isinstance(t, ast.Name) and t.id in ("CLIP_MEAN", "CLIP_STD")
-    }
-    assert consts == {"CLIP_MEAN": P.CLIP_MEAN, "CLIP_STD": P.CLIP_STD}
+    from dspt_jax.data import config as data_config
+
+    # One definition, shared with the tf.data pipeline.
+    assert P.CLIP_MEAN is data_config.CLIP_MEAN and P.CLIP_STD is data_config.CLIP_STD
     x = np.array([[[[0, 128, 255]]]], np.uint8)
     want = (np.array([0, 128, 255]) / 255 - np.array(P.CLIP_MEAN)) / np.array(P.CLIP_STD)
     np.testing.assert_allclose(P.normalize_images(x)[0, 0, 0], want, rtol=1e-6)

@@ -9,6 +9,10 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+# CLIP's input normalization (OpenAI's), shared by the tf.data pipeline and the synthetic world's pretraining.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 def default_data_config() -> ml_collections.ConfigDict:
     """The full data config with CoOp's defaults (Caltech101, 16 shots, seed 1, 224 px)."""

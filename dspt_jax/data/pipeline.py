@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from dspt_jax.data import config as config_lib
 from dspt_jax.data import fewshot, noise, sources
+from dspt_jax.data.config import CLIP_MEAN, CLIP_STD
 
 # The accelerator belongs to JAX: TensorFlow here runs on the CPU only.
 try:
@@ -44,8 +45,6 @@ except RuntimeError:  # TensorFlow already started elsewhere in this process
 
 log = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _SHUFFLE_STREAM = 0x5348_5546  # keeps the epoch permutations apart from other uses of the seed
 
