@@ -612,7 +612,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         train_diag = metrics.train_set_diagnostics(rows["pred"], rows["label"], rows["clean_label"], flipped)
         log.info(
             "Training set: clean-label accuracy %s, flipped examples fitted %d/%d",
-            train_diag["accuracy_clean_labels"],
+            "n/a"
+            if train_diag["accuracy_clean_labels"] is None
+            else f"{train_diag['accuracy_clean_labels']:.4f}",
             train_diag["fitted_flipped"],
             train_diag["num_flipped"],
         )

@@ -194,6 +194,9 @@ def test_bad_arguments_raise_value_errors():
         P.PretrainRecipe(batch_size=1)
     with pytest.raises(ValueError, match="multiple of patch_size"):
         P.PretrainRecipe(image_size=30, patch_size=4)
+    for scale in (0.5, -1.0, 101.0):
+        with pytest.raises(ValueError, match="logit_scale"):
+            P.PretrainRecipe(logit_scale=scale)
     with pytest.raises(ValueError, match="synthetic:small"):
         P.resolve_model_source("synthetic:nope")
 
@@ -344,6 +347,18 @@ def test_contrastive_loss_falls_during_pretraining(built):
     # Ends clearly below both its start and chance (log batch: features that ignore their inputs).
     assert losses[-10:].mean() < losses[:5].mean() - 0.5
     assert losses[-10:].mean() < math.log(SMALL.batch_size) - 0.4
+    # The temperature was held at the recipe's fixed value (CLIP's 100), bit for bit.
+    trained = built["runs"][0][1]
+    assert SMALL.logit_scale == 100.0
+    assert trained.params["logit_scale"] == np.float32(math.log(100.0))
+
+
+def test_learned_temperature_starts_at_clips_init_and_moves():
+    recipe = dataclasses.replace(SMALL, steps=3, warmup_steps=1, logit_scale=0.0)
+    assert P.clip_config(recipe).logit_scale_init_value == pytest.approx(math.log(1 / 0.07), abs=1e-4)
+    clip, _ = P.pretrain(recipe, progress=False)
+    # Three Adam steps of size ~lr move the log-scale by ~1e-2; it stays within CLIP's cap.
+    assert 1e-4 < abs(float(clip.params["logit_scale"]) - math.log(1 / 0.07)) < 0.1
 
 
 def test_checkpoint_round_trips_through_load_clip_bit_for_bit(built):
