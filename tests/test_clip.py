@@ -7,13 +7,13 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch  # the oracle: the test extra installs it; a missing oracle must fail, not skip
+import transformers
+from tiny_clip import scrambled_clip, tiny_config
 
 from dspt_jax import load_clip, tokenize
-from dspt_jax.models import CLIPConfig, TextConfig, VisionConfig, clip_logits, init_clip, save_clip
+from dspt_jax.models import clip_logits, init_clip, save_clip
 from dspt_jax.models.loading import CheckpointNotFoundError
-
-torch = pytest.importorskip("torch")  # test extra; the oracle
-transformers = pytest.importorskip("transformers")
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "flax_clip_tiny")
 
@@ -153,54 +153,9 @@ def test_genuine_flax_checkpoint_fixture():
     assert _rel(logits_t, want["logits_per_text"]) < 1e-5
 
 
-def _tiny_config(vocab_size=49408):
-    return CLIPConfig(
-        text=TextConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-        ),
-        vision=VisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            image_size=16,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )
-
-
-def _scrambled(config, seed):
-    """A random CLIP whose every weight matters: kernels ~ N(0, 1/fan_in), LN scales ~ 1 + N(0, 0.1), biases
-    and embeddings ~ N(0, 0.1..0.5). The default N(0, 0.02) init leaves tokens almost independent of each other,
-    which would make the prompt-path oracle below too weak to catch a misplaced context vector."""
-    import jax
-
-    clip = init_clip(config, rng=seed)
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        name = path[-1].key
-        if name == "kernel":
-            return rng.normal(size=x.shape, scale=1 / np.sqrt(np.prod(x.shape[:-1]))).astype(np.float32)
-        if name == "scale":
-            return (1 + 0.1 * rng.normal(size=x.shape)).astype(np.float32)
-        if name == "logit_scale":
-            return x
-        return (0.3 * rng.normal(size=x.shape)).astype(np.float32)
-
-    clip.params = jax.tree_util.tree_map_with_path(draw, clip.params)
-    return clip
-
-
 def test_prompt_path_matches_full_sentence_and_truncation_is_exact():
     """Context set to the embeddings of real words == encode_text of the whole sentence, cut or not."""
-    clip = _scrambled(_tiny_config(), seed=3)
+    clip = scrambled_clip(tiny_config(), seed=3)
     classnames = [
         "cat",
         "golden retriever",
@@ -232,14 +187,14 @@ def test_prompt_path_matches_full_sentence_and_truncation_is_exact():
 
 
 def test_encode_text_truncation_matches_untruncated_module():
-    clip = _scrambled(_tiny_config(), seed=1)
+    clip = scrambled_clip(tiny_config(), seed=1)
     ids = tokenize(["a photo of a dog.", "an example of a much longer caption, with commas, numbers 1 2 3."])
     full = clip.module.apply({"params": clip.params}, ids, method="encode_text")  # all 77 positions
     np.testing.assert_allclose(clip.encode_text(ids), full, rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_towers_stay_close():
-    cfg = _tiny_config(vocab_size=500)
+    cfg = tiny_config(vocab_size=500)
     clip32 = init_clip(cfg, rng=0)
     clip16 = init_clip(cfg, rng=0, dtype=jnp.bfloat16)
     pixels = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
@@ -249,7 +204,7 @@ def test_bfloat16_towers_stay_close():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    clip = init_clip(_tiny_config(vocab_size=300), rng=5)
+    clip = init_clip(tiny_config(vocab_size=300), rng=5)
     save_clip(clip, str(tmp_path))
     again = load_clip(str(tmp_path))
     assert again.config == clip.config
@@ -293,7 +248,7 @@ def test_wrong_shape_is_named(tmp_path):
 
 def test_directory_without_weights(tmp_path):
     with open(tmp_path / "config.json", "w") as f:
-        json.dump(_tiny_config().to_hf_dict(), f)
+        json.dump(tiny_config().to_hf_dict(), f)
     with pytest.raises(FileNotFoundError, match="flax_model.msgpack, model.safetensors, pytorch_model.bin"):
         load_clip(str(tmp_path))
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-tf = pytest.importorskip("tensorflow")
+import tensorflow as tf  # noqa: E402 -- a core dependency: missing, these tests must fail, not skip
 import tensorflow_datasets as tfds  # noqa: E402
 
 from dspt_jax.data import classnames as cn  # noqa: E402

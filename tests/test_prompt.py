@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_clip import scrambled_clip, tiny_config
 
 from dspt_jax import tokenize
-from dspt_jax.models import CLIPConfig, TextConfig, VisionConfig, init_clip
 from dspt_jax.models import prompt as prompt_lib
 
 CLASSNAMES = ["cat", "golden_retriever", "sea lion", "Faces easy", "a rather long compound class name"]
@@ -15,30 +15,7 @@ WORDS = "a blurry photo of"  # 4 tokens
 
 @pytest.fixture(scope="module")
 def clip():
-    cfg = CLIPConfig(
-        text=TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
-        vision=VisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            image_size=16,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )
-    model = init_clip(cfg, rng=0)
-    rng = np.random.default_rng(0)
-    # Weights at a scale where tokens interact (the default 0.02 init makes positions nearly independent).
-    model.params = jax.tree_util.tree_map_with_path(
-        lambda path, x: (
-            x
-            if path[-1].key == "logit_scale"
-            else (rng.normal(size=x.shape) / np.sqrt(x.shape[0] if x.ndim > 1 else 4)).astype(np.float32)
-        ),
-        model.params,
-    )
-    return model
+    return scrambled_clip(tiny_config(), seed=0)
 
 
 @pytest.mark.parametrize(
