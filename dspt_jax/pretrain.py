@@ -55,6 +55,7 @@ import numpy as np
 import optax
 
 from dspt_jax import tokenizer as tok_lib
+from dspt_jax.cache import cache_root
 from dspt_jax.data import synthetic
 from dspt_jax.data.config import CLIP_MEAN, CLIP_STD
 from dspt_jax.models.clip import (
@@ -69,7 +70,6 @@ from dspt_jax.models.loading import CLIP, init_clip, load_clip, save_clip
 # Bump when this training code changes what a recipe produces (part of the cache hash).
 VERSION = 2
 SOURCE_PREFIX = "synthetic"
-_CACHE_ENV = "DSPT_JAX_CACHE"
 _WEIGHTS = ("config.json", "flax_model.msgpack")
 _MAX_LOG_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 100
 
@@ -377,11 +377,6 @@ def pretrain(
 
 # ---------------------------------------------------------------------------------------------------------
 # Cache.
-
-
-def cache_root() -> str:
-    """$DSPT_JAX_CACHE, else ~/.cache/dspt_jax."""
-    return os.path.expanduser(os.environ.get(_CACHE_ENV) or os.path.join("~", ".cache", "dspt_jax"))
 
 
 def checkpoint_dir(recipe: PretrainRecipe | None = None, cache_dir: str | None = None) -> str:

@@ -7,9 +7,11 @@ numpy slices for the center crop, PIL's bicubic resize, and the files the test w
 """
 
 import csv
+import glob
 import itertools
 import json
 import os
+import pathlib
 import time
 
 import numpy as np
@@ -413,6 +415,71 @@ def test_local_builder_multi_host_eval_reads_each_file_once(fgvc):
         assert all(files[k][2] == y for k, y in got)
         seen.append(sorted(got))
     assert seen[0] == seen[1]
+
+
+def test_train_eval_reuses_the_training_payloads(fgvc, monkeypatch):
+    # Once training has read the few-shot payloads, evaluating the train split must not read the tfds
+    # source again, and must give the same batches (ids, labels, pixels) as reading it.
+    data_dir, files = fgvc
+    task = pipeline.load_task({"name": "fgvc_aircraft", "data_dir": data_dir, "shots": 2,
+                               "image_size": SIZE, "noise": {"kind": "sym", "rate": 0.5}})
+    assert task._payloads is None
+    from_source = {h: collect_eval(task, "train", 4, h) for h in (1, 2)}
+    task.train_payloads()
+
+    def no_read(ids):
+        raise AssertionError("the source was read again")
+
+    monkeypatch.setattr(task.train.pool, "stream", no_read)
+    for hosts, want in from_source.items():
+        got = collect_eval(task, "train", 4, hosts)
+        assert [len(h) for h in got] == [len(h) for h in want]
+        for gh, wh in zip(got, want):
+            for g, w in zip(gh, wh):
+                assert g.keys() == w.keys()
+                for k in g:
+                    np.testing.assert_array_equal(g[k], w[k])
+    ids = [i for h in from_source[2] for b in h for i in b["id"][b["mask"]]]
+    assert sorted(ids) == sorted(task.train.ids.tolist()) and len(ids) == 6
+
+
+def test_label_tables_are_cached_and_invalidated_by_the_data(fgvc, monkeypatch, tmp_path):
+    data_dir, _ = fgvc
+    monkeypatch.setenv("DSPT_JAX_CACHE", str(tmp_path / "cache"))
+    cfg = {"name": "fgvc_aircraft", "data_dir": data_dir, "shots": 2, "image_size": SIZE}
+    first = pipeline.load_task(cfg)
+    cached = sorted(os.listdir(tmp_path / "cache" / "tfds_tables"))
+    assert len(cached) == 3 and all(n.startswith("coop_fgvc_aircraft-") for n in cached)  # train/val/test
+    real_as_dataset = tfds.core.DatasetBuilder.as_dataset
+    reads = []
+
+    def counted(self, *args, **kwargs):
+        reads.append(kwargs.get("split"))
+        return real_as_dataset(self, *args, **kwargs)
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "as_dataset", counted)
+    again = pipeline.load_task(cfg)
+    assert reads == []  # every table came from the cache
+    for split in ("train", "val", "test"):
+        a, b = first.examples(split), again.examples(split)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.clean, b.clean)
+    # Touching one record file (a rebuilt dataset) invalidates the tables of its builder.
+    record = sorted(glob.glob(os.path.join(data_dir, "**", "*.tfrecord*"), recursive=True))[0]
+    st = os.stat(record)
+    os.utime(record, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
+    third = pipeline.load_task(cfg)
+    assert sorted(reads) == ["test", "train", "val"]
+    np.testing.assert_array_equal(third.train.ids, first.train.ids)
+    # A corrupt cache file is ignored and rewritten.
+    table_file = sources._table_cache_path(third.train.pool.builder, "train", ["label"])
+    assert table_file.startswith(str(tmp_path / "cache")) and os.path.isfile(table_file)
+    pathlib.Path(table_file).write_bytes(b"not an npz")
+    fourth = pipeline.load_task(cfg)
+    np.testing.assert_array_equal(fourth.train.ids, first.train.ids)
+    with np.load(table_file) as f:
+        np.testing.assert_array_equal(f["label"].shape, (9,))  # fgvc's whole train split
 
 
 def test_split_file_on_tfds_is_matched_by_file_name(fgvc, tmp_path):

@@ -489,7 +489,21 @@ def eval_batches(
         }
 
     expected = tf.data.Dataset.from_tensor_slices((host.ids, host.labels, host.clean))
-    ds = tf.data.Dataset.zip(ex.pool.stream(host.ids), expected)
+    if split == "train" and task._payloads is not None:
+        # Training has the payloads in memory already: no second pass over the source (for a tfds
+        # split that would re-read every record up to the last selected one).
+        payloads, ids = task._payloads, host.ids
+
+        def cached():
+            for p in range(lo, hi):
+                yield ids[p - lo], payloads[p]
+
+        streamed = tf.data.Dataset.from_generator(
+            cached, output_signature=(tf.TensorSpec([], tf.int64), ex.pool.payload_spec)
+        )
+    else:
+        streamed = ex.pool.stream(host.ids)
+    ds = tf.data.Dataset.zip(streamed, expected)
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     pad = {
         "image": tf.zeros([size, size, 3], tf.float32),

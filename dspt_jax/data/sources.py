@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import tempfile
 from typing import Any, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from dspt_jax.cache import cache_root
 from dspt_jax.data import datasets as ds_lib
 
 log = logging.getLogger(__name__)
@@ -302,8 +305,23 @@ def tfds_builder(info: ds_lib.DatasetInfo, cfg: Any, tfds_name: str | None = Non
 
 
 def _tfds_table(builder, split: str, fields: Sequence[str]) -> dict[str, np.ndarray]:
-    """Columns ``fields`` of every example of ``split``, in canonical order (images not decoded)."""
+    """Columns ``fields`` of every example of ``split``, in canonical order (images not decoded).
+
+    Reading them means reading every record of the split (the images are in the same records), which
+    for ImageNet's train split is the whole 140 GB; so the columns are kept in the project cache
+    (``tfds_tables/``), keyed by the builder directory, the split, the fields and the name, size and
+    mtime of every file of the prepared dataset: rebuilding or touching the data invalidates them.
+    """
     fields = list(dict.fromkeys(fields))
+    path = _table_cache_path(builder, split, fields)
+    if path:
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                table = {k: f[k] for k in fields}
+            log.info("%s %s: label table from the cache (%s)", builder.name, split, path)
+            return table
+        except (OSError, KeyError, ValueError):
+            pass  # absent or unreadable: read the split and (re)write it
     ds = builder.as_dataset(
         split=split, shuffle_files=False, decoders=_image_decoders(builder), read_config=_read_config()
     )
@@ -312,10 +330,57 @@ def _tfds_table(builder, split: str, fields: Sequence[str]) -> dict[str, np.ndar
     for batch in ds.as_numpy_iterator():
         for k in fields:
             cols[k].append(batch[k])
-    return {
+    table = {
         k: np.concatenate(v) if v else np.zeros((0,), object if k != "label" else np.int64)
         for k, v in cols.items()
     }
+    if path:
+        _write_table(path, table)
+    return table
+
+
+_TABLE_CACHE_VERSION = 1
+
+
+def _table_cache_path(builder, split: str, fields: Sequence[str]) -> str | None:
+    """Where the cached columns of (builder, split, fields) live; None when the dataset has no record
+    files to fingerprint (tfds' mock data in tests, for example): then nothing is cached."""
+    try:
+        names = sorted(tf.io.gfile.listdir(str(builder.data_dir)))
+        files = []
+        for name in names:
+            st = tf.io.gfile.stat(os.path.join(str(builder.data_dir), name))
+            if not st.is_directory:
+                files.append((name, int(st.length), int(st.mtime_nsec)))
+    except (tf.errors.OpError, OSError):
+        return None
+    if not any(".tfrecord" in n or ".array_record" in n for n, _, _ in files):
+        return None
+    key = json.dumps(
+        {"v": _TABLE_CACHE_VERSION, "dir": str(builder.data_dir), "split": split, "fields": list(fields),
+         "files": files},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return os.path.join(cache_root(), "tfds_tables", f"{builder.name}-{digest}.npz")
+
+
+def _write_table(path: str, table: dict[str, np.ndarray]) -> None:
+    # Text columns (file names) are stored as bytes arrays so that loading needs no pickle. Written to a
+    # temporary name and renamed: concurrent runs (hosts of a pod, a sweep) never see half a file.
+    def as_bytes(x):
+        return x if isinstance(x, bytes) else str(x).encode("utf-8")
+
+    arrays = {k: (np.asarray([as_bytes(x) for x in v], dtype=bytes) if v.dtype == object else v)
+              for k, v in table.items()}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=os.path.dirname(path))
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache costs speed, never the run
+        log.warning("could not cache the label table at %s: %s", path, e)
 
 
 def _tfds_source(info: ds_lib.DatasetInfo, cfg: Any) -> SourceData:
