@@ -364,7 +364,10 @@ class _SigintFlag:
         if self.raised:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.raised = True
-        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort).")
+        log.warning(
+            "Ctrl-C: stopping after this step (with several hosts: at the next log step, all together) "
+            "and saving a checkpoint (Ctrl-C again to abort)."
+        )
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -532,13 +535,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
     window, window_start, window_step = [], time.time(), step
     try:
         with _SigintFlag() as sigint:
-            while step < total_steps and not sigint.raised:
+            interrupted = False
+
+            def stop_requested(sync_point: bool) -> bool:
+                # Ctrl-C on any host stops every host at the same step: a host going on alone would hang in
+                # the next collective (the checkpoint save, an evaluation). The hosts agree at log steps,
+                # where they sync anyway; a single process stops after the current step.
+                if pcount == 1:
+                    return sigint.raised
+                if not sync_point:
+                    return False
+                return bool(np.any(multihost_utils.process_allgather(np.int32(sigint.raised))))
+
+            while step < total_steps and not interrupted:
                 batch = sharding.to_global(next(train_iter), mesh)
                 state, step_metrics = train_step(state, clip_params, frozen_embeds, batch)
                 step += 1
                 window.append(step_metrics)
                 last = step == total_steps
-                if step % config.log_every_steps == 0 or last:
+                log_step = step % config.log_every_steps == 0 or last
+                if log_step:
                     check_finite()
                     host = jax.device_get(window)
                     rate = (step - window_step) / max(time.time() - window_start, 1e-9)
@@ -575,10 +591,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
                     )
                     writer.write(step, {"test_accuracy": acc["accuracy"]})
                     log.info("epoch %d: test accuracy %.4f", step // steps_per_epoch, acc["accuracy"])
+                interrupted = stop_requested(log_step)
             check_finite()
             if ckpt.latest_step != step:
                 ckpt.save(step, state, force=True)
-            if sigint.raised:
+            if interrupted or stop_requested(True):
                 log.warning(
                     "Interrupted at step %d; checkpoint saved, rerun with the same workdir to resume.", step
                 )

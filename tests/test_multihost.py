@@ -6,6 +6,8 @@ make_array_from_process_local_data, evaluation gathered with process_allgather, 
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -34,19 +36,19 @@ def _main(workdir, *extra):
     ]
 
 
-def test_two_processes_match_one(tmp_path):
+def _two_processes(workdir, *extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     port = _free_port()
-    two = str(tmp_path / "two")
-    procs = [
+    return [
         subprocess.Popen(
             _main(
-                two,
+                workdir,
                 "--distributed",
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
+                *extra,
             ),
             cwd=REPO,
             env=env,
@@ -56,6 +58,13 @@ def test_two_processes_match_one(tmp_path):
         )
         for i in range(2)
     ]
+
+
+def test_two_processes_match_one(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    two = str(tmp_path / "two")
+    procs = _two_processes(two)
     one = str(tmp_path / "one")
     subprocess.run(_main(one), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
     for p in procs:
@@ -78,3 +87,34 @@ def test_two_processes_match_one(tmp_path):
     r1, r2 = (json.load(open(os.path.join(d, "results.json"))) for d in (one, two))
     assert r2["final"]["num_examples"] == r1["final"]["num_examples"] == 40  # every test example once
     assert r2["train"] == r1["train"]
+
+
+def test_ctrl_c_on_one_host_stops_both_at_the_same_step(tmp_path):
+    # On a pod, Ctrl-C may reach one host only. If that host stopped alone, it would wait forever in the
+    # checkpoint save (a collective) while the other trains on: both must stop at one step and save it.
+    workdir = str(tmp_path / "run")
+    procs = _two_processes(
+        workdir,
+        "--config.num_epochs=400",
+        "--config.log_every_steps=2",
+        "--config.eval_train=False",
+        "--config.checkpoint_every_steps=100000",
+    )
+    try:
+        for line in procs[0].stdout:  # wait until training is under way
+            if " step 4/" in line:
+                break
+        procs[0].send_signal(signal.SIGINT)
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    stopped = []
+    for p, out in zip(procs, outs):
+        assert p.returncode != 0, out[-2000:]
+        found = re.findall(r"Interrupted at step (\d+); checkpoint saved", out)
+        assert len(found) == 1, out[-2000:]
+        stopped.append(int(found[0]))
+    assert stopped[0] == stopped[1] and stopped[0] % 2 == 0 and 4 <= stopped[0] < 400
+    saved = {int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()}
+    assert stopped[0] in saved
