@@ -272,6 +272,27 @@ def test_eval_on_val_and_train_splits(folder_task):
         folder_task.examples("dev")
 
 
+def test_an_undecodable_image_is_named(tmp_path):
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for part, count in (("", 4), ("test", 3)):
+        for c in ("cat", "dog"):
+            (root / part / c).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / part / c / f"{i}.png")
+    (root / "test" / "dog" / "1.png").write_bytes(b"not an image")
+    (root / "cat" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    task = pipeline.load_task({"name": "folder", "folder": str(root), "shots": 4, "image_size": SIZE})
+    with pytest.raises(pipeline.UnreadableImageError, match=r"test batches: .*test/dog/1\.png: Unknown image"):
+        list(pipeline.eval_batches(task, "test", global_batch_size=2))
+    for split in ("train", "train"):  # streamed from the files, then from the cached training payloads
+        with pytest.raises(pipeline.UnreadableImageError, match=r"cat/2\.png: Invalid PNG"):
+            list(pipeline.eval_batches(task, split, global_batch_size=2))
+        task.train_payloads()
+    with pytest.raises(pipeline.UnreadableImageError, match=r"training batches: .*cat/2\.png"):
+        take(pipeline.train_batches(task, global_batch_size=4, seed=0), 4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Noise, records, CSV
 # ---------------------------------------------------------------------------------------------

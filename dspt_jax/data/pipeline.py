@@ -24,10 +24,12 @@ step is the same whatever the number of hosts, and ``start_step`` resumes exactl
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
-from typing import Any, Iterator
+import re
+from typing import Any, Callable, Iterator
 
 import ml_collections
 import numpy as np
@@ -392,8 +394,8 @@ def train_batches(
     labels, clean, ids, flipped = ex.labels, ex.clean, ex.ids, task.flipped
     first_row = process_index * local
 
-    def rows():
-        step, epoch, perm = int(start_step), -1, None
+    def rows(from_step=int(start_step)):
+        step, epoch, perm = from_step, -1, None
         while True:
             e, j = divmod(step, per_epoch)
             if e != epoch:
@@ -428,16 +430,62 @@ def train_batches(
             "flipped": flip,
         }
 
+    def locate(batches_done):
+        # This host's rows of the failing step (and a few after it, to be safe).
+        found = itertools.islice(rows(int(start_step) + batches_done), 4 * local)
+        return _first_unreadable(ex.pool, ((r[4], r[1]) for r in found))
+
     ds = tf.data.Dataset.from_generator(rows, output_signature=signature)
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = _options(ds.batch(local, drop_remainder=True).prefetch(2))
-    return _numpy_batches(ds)
+    return _numpy_batches(ds, what="training batches", locate=locate, pool=ex.pool)
 
 
-def _numpy_batches(ds: tf.data.Dataset, expected: int | None = None, what: str = "") -> Iterator[dict]:
+class UnreadableImageError(ValueError):
+    """An example's image cannot be read or decoded (a corrupt or missing file, a truncated record)."""
+
+
+_READ_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.DataLossError)
+
+
+def _first_unreadable(pool: sources.Pool, items) -> tuple[int, str] | None:
+    """(id, error) of the first (id, payload) in ``items`` whose image cannot be decoded, eagerly."""
+    for example_id, payload in items:
+        try:
+            pool.to_image(tf.convert_to_tensor(payload))
+        except _READ_ERRORS as e:
+            message = re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", str(e.message).strip().splitlines()[0])
+            return int(example_id), message.strip()
+    return None
+
+
+def _numpy_batches(
+    ds: tf.data.Dataset,
+    expected: int | None = None,
+    what: str = "",
+    locate: Callable[[int], tuple[int, str] | None] | None = None,
+    pool: sources.Pool | None = None,
+) -> Iterator[dict]:
     # A generator of its own, so that the checks above run when the caller asks for the iterator.
+    # tf.data reports an undecodable image without saying which one; `locate(batches_done)` finds it by
+    # decoding the examples of the failing batch one by one.
     count = 0
-    for batch in ds.as_numpy_iterator():
+    iterator = ds.as_numpy_iterator()
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
+        except _READ_ERRORS as e:
+            bad = locate(count) if locate else None
+            if bad is None:
+                raise
+            example_id, message = bad
+            where = pool.describe(example_id) if pool else f"example id {example_id}"
+            raise UnreadableImageError(
+                f"{what}: cannot read the image of {where}: {message}. Replace or remove the file "
+                f"(a folder or CSV dataset), or re-prepare the dataset."
+            ) from e
         count += 1
         yield batch
     if expected is not None and count != expected:
@@ -504,6 +552,15 @@ def eval_batches(
     else:
         streamed = ex.pool.stream(host.ids)
     ds = tf.data.Dataset.zip(streamed, expected)
+
+    def locate(batches_done):
+        start = batches_done * local
+        if split == "train" and task._payloads is not None:
+            items = ((host.ids[p], task._payloads[lo + p]) for p in range(start, hi - lo))
+        else:
+            items = ex.pool.stream(host.ids[start:]).as_numpy_iterator()
+        return _first_unreadable(ex.pool, items)
+
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     pad = {
         "image": tf.zeros([size, size, 3], tf.float32),
@@ -514,13 +571,14 @@ def eval_batches(
     }
     ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(total * local - (hi - lo)))
     ds = _options(ds.batch(local, drop_remainder=True).prefetch(2))
-    return _numpy_batches(ds, total, split)
+    return _numpy_batches(ds, total, f"{split} batches", locate=locate, pool=ex.pool)
 
 
 __all__ = (
     "CLIP_MEAN",
     "CLIP_STD",
     "Task",
+    "UnreadableImageError",
     "data_config",
     "epoch_permutation",
     "eval_batches",

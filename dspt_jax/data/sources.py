@@ -75,6 +75,10 @@ class Pool:
     def to_image(self, payload: tf.Tensor) -> tf.Tensor:
         return decode_image(payload)
 
+    def describe(self, example_id: int) -> str:
+        """Where example ``example_id`` comes from, for error messages."""
+        return f"example id {int(example_id)}"
+
 
 class FilePool(Pool):
     """Image files; the payload is the path (the file is read when the example is used)."""
@@ -92,6 +96,9 @@ class FilePool(Pool):
 
     def to_image(self, payload):
         return decode_image(tf.io.read_file(payload))
+
+    def describe(self, example_id):
+        return f"example id {int(example_id)}, file {self.paths[int(example_id)]}"
 
 
 class ArrayPool(Pool):
@@ -174,6 +181,13 @@ class TfdsPool(Pool):
                 (tf.zeros([0], tf.int64), tf.zeros([0], tf.string))
             )
         return out
+
+    def describe(self, example_id):
+        for name, offset, size in self.parts:
+            if offset <= example_id < offset + size:
+                return (f"example id {int(example_id)}: tfds {self.builder.name} "
+                        f"{name}[{int(example_id) - offset}] in {self.builder.data_dir}")
+        return f"example id {int(example_id)} (not in {self.builder.name})"
 
     def payloads(self, ids):
         ids = np.asarray(ids, np.int64)
