@@ -394,24 +394,33 @@ def train_batches(
     labels, clean, ids, flipped = ex.labels, ex.clean, ex.ids, task.flipped
     first_row = process_index * local
 
-    def rows(from_step=int(start_step)):
+    spec = ex.pool.payload_spec
+
+    def steps(from_step=int(start_step)):
+        # One item per global step: this host's rows of it, as arrays (tf.data unbatches them; yielding
+        # row by row made the Python generator the bottleneck of small-model training).
         step, epoch, perm = from_step, -1, None
         while True:
             e, j = divmod(step, per_epoch)
             if e != epoch:
                 epoch, perm = e, epoch_permutation(seed, e, m)
-            for r, k in enumerate(perm[j * global_batch_size :][first_row : first_row + local]):
-                row = step * global_batch_size + first_row + r  # global row: seeds its augmentation
-                yield row, payloads[k], labels[k], clean[k], ids[k], flipped[k]
+            ks = perm[j * global_batch_size :][first_row : first_row + local]
+            rows = step * global_batch_size + first_row + np.arange(local, dtype=np.int64)  # seeds augmentation
+            if spec.dtype == tf.string:
+                batch_payloads = np.array([payloads[k] for k in ks], dtype=object)
+            else:
+                batch_payloads = np.stack([payloads[k] for k in ks])
+            yield (rows, batch_payloads, labels[ks].astype(np.int64), clean[ks].astype(np.int64),
+                   ids[ks].astype(np.int64), flipped[ks].astype(bool))
             step += 1
 
     signature = (
-        tf.TensorSpec([], tf.int64),
-        ex.pool.payload_spec,
-        tf.TensorSpec([], tf.int64),
-        tf.TensorSpec([], tf.int64),
-        tf.TensorSpec([], tf.int64),
-        tf.TensorSpec([], tf.bool),
+        tf.TensorSpec([local], tf.int64),
+        tf.TensorSpec([local, *spec.shape], spec.dtype),
+        tf.TensorSpec([local], tf.int64),
+        tf.TensorSpec([local], tf.int64),
+        tf.TensorSpec([local], tf.int64),
+        tf.TensorSpec([local], tf.bool),
     )
     to_image = ex.pool.to_image
 
@@ -432,10 +441,10 @@ def train_batches(
 
     def locate(batches_done):
         # This host's rows of the failing step (and a few after it, to be safe).
-        found = itertools.islice(rows(int(start_step) + batches_done), 4 * local)
-        return _first_unreadable(ex.pool, ((r[4], r[1]) for r in found))
+        found = itertools.islice(steps(int(start_step) + batches_done), 4)
+        return _first_unreadable(ex.pool, (pair for item in found for pair in zip(item[4], item[1])))
 
-    ds = tf.data.Dataset.from_generator(rows, output_signature=signature)
+    ds = tf.data.Dataset.from_generator(steps, output_signature=signature).unbatch()
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = _options(ds.batch(local, drop_remainder=True).prefetch(2))
     return _numpy_batches(ds, what="training batches", locate=locate, pool=ex.pool)
