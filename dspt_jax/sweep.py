@@ -291,6 +291,10 @@ def run_sweep(
             )
         except Exception as e:  # noqa: BLE001 -- one bad point must not end a long sweep
             log.error("[%d/%d] %s FAILED: %s\n%s", i, total, point.describe(), e, traceback.format_exc())
+            if jax.process_count() > 1:
+                # The error may be this host's alone (an unreadable image in its rows): going on to the
+                # next point while the other hosts wait in this one's collectives would hang the sweep.
+                raise
             report.failed.append((point.name, f"{type(e).__name__}: {e}"))
             outcome = "failed"
         else:

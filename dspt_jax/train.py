@@ -349,7 +349,9 @@ def _train_batch_size(config, train_size: int, n_dev: int) -> int:
 
 class _SigintFlag:
     """Turns Ctrl-C into a flag checked between steps, so the state is never caught mid-update (the train
-    step donates its input state) and a checkpoint of the last finished step can always be written."""
+    step donates its input state) and a checkpoint of the last finished step can always be written.
+    With several processes the flag is agreed on at log steps (see `stop_requested`); a second Ctrl-C
+    aborts at once, and on one host of several that leaves the others waiting in their next collective."""
 
     def __init__(self):
         self.raised = False

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -36,39 +37,55 @@ def _main(workdir, *extra):
     ]
 
 
-def _two_processes(workdir, *extra):
+def _two_processes(workdir, logdir, *extra):
+    """Starts processes 0 and 1 of one run; each writes its output to a file (a pipe nobody reads could
+    fill up and block a process, and with it the other one in their next collective)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     port = _free_port()
-    return [
-        subprocess.Popen(
-            _main(
-                workdir,
-                "--distributed",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-                *extra,
-            ),
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs, logs = [], []
+    for i in range(2):
+        log_path = os.path.join(logdir, f"process{i}.log")
+        with open(log_path, "w") as out:
+            procs.append(
+                subprocess.Popen(
+                    _main(
+                        workdir,
+                        "--distributed",
+                        f"--coordinator_address=127.0.0.1:{port}",
+                        "--num_processes=2",
+                        f"--process_id={i}",
+                        *extra,
+                    ),
+                    cwd=REPO,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        logs.append(log_path)
+    return procs, logs
+
+
+def _finish(procs, logs, timeout):
+    """Waits for every process (killing all of them if one overruns) and returns their outputs."""
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            p.kill()
+    return [open(path).read() for path in logs]
 
 
 def test_two_processes_match_one(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     two = str(tmp_path / "two")
-    procs = _two_processes(two)
+    procs, logs = _two_processes(two, str(tmp_path))
     one = str(tmp_path / "one")
     subprocess.run(_main(one), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
-    for p in procs:
-        out, _ = p.communicate(timeout=600)
+    for p, out in zip(procs, _finish(procs, logs, 600)):
         assert p.returncode == 0, out[-3000:]
         assert "on 2 device(s)" in out
 
@@ -93,22 +110,25 @@ def test_ctrl_c_on_one_host_stops_both_at_the_same_step(tmp_path):
     # On a pod, Ctrl-C may reach one host only. If that host stopped alone, it would wait forever in the
     # checkpoint save (a collective) while the other trains on: both must stop at one step and save it.
     workdir = str(tmp_path / "run")
-    procs = _two_processes(
+    procs, logs = _two_processes(
         workdir,
+        str(tmp_path),
         "--config.num_epochs=400",
         "--config.log_every_steps=2",
         "--config.eval_train=False",
         "--config.checkpoint_every_steps=100000",
     )
     try:
-        for line in procs[0].stdout:  # wait until training is under way
-            if " step 4/" in line:
-                break
+        deadline = time.time() + 300
+        while " step 4/" not in open(logs[0]).read():  # wait until training is under way
+            assert time.time() < deadline and procs[0].poll() is None, open(logs[0]).read()[-2000:]
+            time.sleep(0.2)
         procs[0].send_signal(signal.SIGINT)
-        outs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
+    except BaseException:
         for p in procs:
             p.kill()
+        raise
+    outs = _finish(procs, logs, 240)
     stopped = []
     for p, out in zip(procs, outs):
         assert p.returncode != 0, out[-2000:]

@@ -451,7 +451,8 @@ def train_batches(
 
 
 class UnreadableImageError(ValueError):
-    """An example's image cannot be read or decoded (a corrupt or missing file, a truncated record)."""
+    """An example's image cannot be read or decoded (a corrupt, truncated or missing image file, or
+    undecodable image bytes in a tfds record)."""
 
 
 _READ_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.DataLossError)
@@ -546,9 +547,10 @@ def eval_batches(
         }
 
     expected = tf.data.Dataset.from_tensor_slices((host.ids, host.labels, host.clean))
-    if split == "train" and task._payloads is not None:
-        # Training has the payloads in memory already: no second pass over the source (for a tfds
-        # split that would re-read every record up to the last selected one).
+    reuse = split == "train" and task._payloads is not None and isinstance(ex.pool, sources.TfdsPool)
+    if reuse:
+        # Training has the encoded images in memory already: no second pass over the tfds split (which
+        # re-reads every record up to the last selected one). Files and arrays are cheap to stream.
         payloads, ids = task._payloads, host.ids
 
         def cached():
@@ -563,11 +565,13 @@ def eval_batches(
     ds = tf.data.Dataset.zip(streamed, expected)
 
     def locate(batches_done):
-        start = batches_done * local
-        if split == "train" and task._payloads is not None:
-            items = ((host.ids[p], task._payloads[lo + p]) for p in range(start, hi - lo))
+        # The failing batch and the next (not the rest of the split: an error that is not an image's,
+        # such as the id check above, must not cost a pass over a large split before it is reported).
+        start, stop = batches_done * local, min((batches_done + 2) * local, hi - lo)
+        if reuse:
+            items = ((host.ids[p], task._payloads[lo + p]) for p in range(start, stop))
         else:
-            items = ex.pool.stream(host.ids[start:]).as_numpy_iterator()
+            items = ex.pool.stream(host.ids[start:stop]).as_numpy_iterator()
         return _first_unreadable(ex.pool, items)
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -14,8 +14,10 @@ the expected directory and the command that prepares it (unless ``config.downloa
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -334,8 +336,8 @@ def _tfds_table(builder, split: str, fields: Sequence[str]) -> dict[str, np.ndar
                 table = {k: f[k] for k in fields}
             log.info("%s %s: label table from the cache (%s)", builder.name, split, path)
             return table
-        except (OSError, KeyError, ValueError):
-            pass  # absent or unreadable: read the split and (re)write it
+        except Exception:  # noqa: BLE001 -- absent, truncated, empty or foreign: read the split, rewrite it
+            pass
     ds = builder.as_dataset(
         split=split, shuffle_files=False, decoders=_image_decoders(builder), read_config=_read_config()
     )
@@ -356,19 +358,28 @@ def _tfds_table(builder, split: str, fields: Sequence[str]) -> dict[str, np.ndar
 _TABLE_CACHE_VERSION = 1
 
 
-def _table_cache_path(builder, split: str, fields: Sequence[str]) -> str | None:
-    """Where the cached columns of (builder, split, fields) live; None when the dataset has no record
-    files to fingerprint (tfds' mock data in tests, for example): then nothing is cached."""
+@functools.lru_cache(maxsize=64)
+def _data_fingerprint(data_dir: str) -> tuple | None:
+    """(name, size, mtime) of every file of a prepared tfds dataset directory, listed once per process
+    (one stat per shard: ~1100 for ImageNet, slow on GCS); None without record files."""
     try:
-        names = sorted(tf.io.gfile.listdir(str(builder.data_dir)))
         files = []
-        for name in names:
-            st = tf.io.gfile.stat(os.path.join(str(builder.data_dir), name))
+        for name in sorted(tf.io.gfile.listdir(data_dir)):
+            st = tf.io.gfile.stat(os.path.join(data_dir, name))
             if not st.is_directory:
                 files.append((name, int(st.length), int(st.mtime_nsec)))
     except (tf.errors.OpError, OSError):
         return None
     if not any(".tfrecord" in n or ".array_record" in n for n, _, _ in files):
+        return None
+    return tuple(files)
+
+
+def _table_cache_path(builder, split: str, fields: Sequence[str]) -> str | None:
+    """Where the cached columns of (builder, split, fields) live; None when the dataset has no record
+    files to fingerprint (tfds' mock data in tests, for example): then nothing is cached."""
+    files = _data_fingerprint(str(builder.data_dir))
+    if files is None:
         return None
     key = json.dumps(
         {"v": _TABLE_CACHE_VERSION, "dir": str(builder.data_dir), "split": split, "fields": list(fields),
@@ -381,20 +392,30 @@ def _table_cache_path(builder, split: str, fields: Sequence[str]) -> str | None:
 
 def _write_table(path: str, table: dict[str, np.ndarray]) -> None:
     # Text columns (file names) are stored as bytes arrays so that loading needs no pickle. Written to a
-    # temporary name and renamed: concurrent runs (hosts of a pod, a sweep) never see half a file.
+    # temporary name, synced and renamed: concurrent runs (hosts of a pod, a sweep) and a crash never
+    # leave half a file under the final name.
     def as_bytes(x):
         return x if isinstance(x, bytes) else str(x).encode("utf-8")
 
     arrays = {k: (np.asarray([as_bytes(x) for x in v], dtype=bytes) if v.dtype == object else v)
               for k, v in table.items()}
+    tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=os.path.dirname(path))
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from the other users of a shared cache
         os.replace(tmp, path)
-    except OSError as e:  # a read-only cache costs speed, never the run
+        tmp = None
+    except OSError as e:  # a read-only or full cache costs speed, never the run
         log.warning("could not cache the label table at %s: %s", path, e)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def _tfds_source(info: ds_lib.DatasetInfo, cfg: Any) -> SourceData:
