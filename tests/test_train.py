@@ -350,3 +350,21 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     assert resumed["steps"] == stopped + 2
     steps = [l["step"] for l in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
     assert steps == list(range(1, stopped + 3))
+
+
+def test_training_input_is_shut_down_when_training_ends(tmp_path, monkeypatch):
+    # The endless training pipeline is closed by the trainer itself (left to garbage collection, its
+    # teardown stalled sweeps for up to half a minute after some runs).
+    from dspt_jax.data import pipeline
+
+    real, made = pipeline.train_batches, []
+
+    def recording(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(pipeline, "train_batches", recording)
+    train.train_and_evaluate(
+        smoke_config(**{"zero_shot": False, "eval_train": False, "num_epochs": 1}), str(tmp_path)
+    )
+    assert len(made) == 1 and made[0].gi_frame is None  # a closed generator has no frame
