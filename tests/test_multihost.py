@@ -37,11 +37,16 @@ def _main(workdir, *extra):
     ]
 
 
+def _env():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    return env
+
+
 def _two_processes(workdir, logdir, *extra):
     """Starts processes 0 and 1 of one run; each writes its output to a file (a pipe nobody reads could
     fill up and block a process, and with it the other one in their next collective)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = _env()
     port = _free_port()
     procs, logs = [], []
     for i in range(2):
@@ -79,12 +84,10 @@ def _finish(procs, logs, timeout):
 
 
 def test_two_processes_match_one(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
     two = str(tmp_path / "two")
     procs, logs = _two_processes(two, str(tmp_path))
     one = str(tmp_path / "one")
-    subprocess.run(_main(one), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(_main(one), cwd=REPO, env=_env(), check=True, capture_output=True, timeout=600)
     for p, out in zip(procs, _finish(procs, logs, 600)):
         assert p.returncode == 0, out[-3000:]
         assert "on 2 device(s)" in out

@@ -57,19 +57,23 @@ def identify(image, colours):
     return k
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """root/<class>/*.png (6 each, random pixels) and root/test/<class>/*.png (3 each)."""
-    root = tmp_path_factory.mktemp("folder") / "imgs"
+def image_folder(root, classes, train_count, test_count):
+    """root/<class>/{0..}.png (train_count each, random pixels) and root/test/<class>/*.png."""
     rng = np.random.default_rng(0)
-    for part, count in (("", 6), ("test", 3)):
-        for c in CLASSES:
+    for part, count in (("", train_count), ("test", test_count)):
+        for c in classes:
             d = root / part / c
             d.mkdir(parents=True)
             for i in range(count):
                 h, w = SHAPES[i % len(SHAPES)]
                 Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / f"{i}.png")
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """root/<class>/*.png (6 each) and root/test/<class>/*.png (3 each)."""
+    return image_folder(tmp_path_factory.mktemp("folder") / "imgs", CLASSES, 6, 3)
 
 
 @pytest.fixture(scope="module")
@@ -274,12 +278,7 @@ def test_eval_on_val_and_train_splits(folder_task):
 
 def test_an_undecodable_image_is_named(tmp_path):
     root = tmp_path / "imgs"
-    rng = np.random.default_rng(0)
-    for part, count in (("", 4), ("test", 3)):
-        for c in ("cat", "dog"):
-            (root / part / c).mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / part / c / f"{i}.png")
+    image_folder(root, ("cat", "dog"), 4, 3)
     (root / "test" / "dog" / "1.png").write_bytes(b"not an image")
     (root / "cat" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     task = pipeline.load_task({"name": "folder", "folder": str(root), "shots": 4, "image_size": SIZE})

@@ -548,17 +548,15 @@ def eval_batches(
 
     expected = tf.data.Dataset.from_tensor_slices((host.ids, host.labels, host.clean))
     reuse = split == "train" and task._payloads is not None and isinstance(ex.pool, sources.TfdsPool)
+
+    def cached(start, stop):  # (id, payload) of host positions [start, stop), from the training payloads
+        return ((host.ids[p], task._payloads[lo + p]) for p in range(start, stop))
+
     if reuse:
         # Training has the encoded images in memory already: no second pass over the tfds split (which
         # re-reads every record up to the last selected one). Files and arrays are cheap to stream.
-        payloads, ids = task._payloads, host.ids
-
-        def cached():
-            for p in range(lo, hi):
-                yield ids[p - lo], payloads[p]
-
         streamed = tf.data.Dataset.from_generator(
-            cached, output_signature=(tf.TensorSpec([], tf.int64), ex.pool.payload_spec)
+            lambda: cached(0, hi - lo), output_signature=(tf.TensorSpec([], tf.int64), ex.pool.payload_spec)
         )
     else:
         streamed = ex.pool.stream(host.ids)
@@ -569,7 +567,7 @@ def eval_batches(
         # such as the id check above, must not cost a pass over a large split before it is reported).
         start, stop = batches_done * local, min((batches_done + 2) * local, hi - lo)
         if reuse:
-            items = ((host.ids[p], task._payloads[lo + p]) for p in range(start, stop))
+            items = cached(start, stop)
         else:
             items = ex.pool.stream(host.ids[start:stop]).as_numpy_iterator()
         return _first_unreadable(ex.pool, items)
