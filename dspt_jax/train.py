@@ -147,27 +147,45 @@ def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransfor
 # Steps.
 
 
-def text_features(module: CLIPModule, clip_params, frozen_embeds, prompt, spec: prompt_lib.PromptSpec):
-    """The K class features of the current prompt: one pass of the (cut) text tower over all classes."""
-    embeds = prompt_lib.assemble(frozen_embeds, prompt["ctx"], jnp.asarray(spec.ctx_positions))
-    return module.apply(
-        {"params": clip_params}, embeds, jnp.asarray(spec.eot_index), method="encode_text_embeddings"
-    )
-
-
 def logits_from_features(clip_params, image_features, class_features):
     scale = jnp.exp(clip_params["logit_scale"].astype(jnp.float32))
     return scale * l2_normalize(image_features) @ l2_normalize(class_features).T
 
 
-def make_train_step(module: CLIPModule, spec: prompt_lib.PromptSpec, loss_fn, tx):
+def batch_image_features(module: CLIPModule, clip_params, batch) -> jax.Array:
+    """The batch's image features: precomputed ones (`image_features`, an image-feature cache) or the
+    image tower on `image`. Either way a constant of the prompt's gradient."""
+    if "image_features" in batch:
+        return batch["image_features"].astype(jnp.float32)
+    return jax.lax.stop_gradient(module.apply({"params": clip_params}, batch["image"], method="encode_image"))
+
+
+def make_train_step(
+    module: CLIPModule,
+    spec: prompt_lib.PromptSpec,
+    loss_fn,
+    tx,
+    *,
+    shared_prefix: bool = True,
+    class_sharding=None,
+):
+    """The jitted step's function: (state, clip_params, frozen_embeds, batch) -> (state, metrics).
+    `shared_prefix` and `class_sharding`: how the text tower encodes the class prompts
+    (`prompt.class_features`); neither changes the result beyond float rounding."""
+
     def train_step(state: TrainState, clip_params, frozen_embeds, batch):
-        image_features = jax.lax.stop_gradient(
-            module.apply({"params": clip_params}, batch["image"], method="encode_image")
-        )
+        image_features = batch_image_features(module, clip_params, batch)
 
         def loss_of(prompt):
-            class_features = text_features(module, clip_params, frozen_embeds, prompt, spec)
+            class_features = prompt_lib.class_features(
+                module,
+                clip_params,
+                frozen_embeds,
+                prompt["ctx"],
+                spec,
+                shared_prefix=shared_prefix,
+                class_sharding=class_sharding,
+            )
             logits = logits_from_features(clip_params, image_features, class_features)
             return losses.masked_mean(loss_fn(logits, batch["label"]), batch["mask"]), logits
 
@@ -468,7 +486,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         in_shardings=(repl, repl, sharding.batch_sharding(mesh)),
         out_shardings=sharding.batch_sharding(mesh),
     )
-    text_jit = jax.jit(lambda cp, fe, pr: text_features(module, cp, fe, pr, spec), out_shardings=repl)
+    text_jit = jax.jit(
+        lambda cp, fe, pr: prompt_lib.class_features(module, cp, fe, pr["ctx"], spec), out_shardings=repl
+    )
 
     def evaluate(class_features, split: str) -> dict:
         batches = pipeline.eval_batches(

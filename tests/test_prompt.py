@@ -97,3 +97,50 @@ def test_bad_settings_fail_clearly(clip):
         prompt_lib.ctx_init_embeddings(clip, WORDS, n_ctx=3)
     with pytest.raises(ValueError, match="needs 79 tokens"):
         prompt_lib.build_prompt_spec(["word " * 60], n_ctx=16)
+
+
+def _features_and_grad(clip, spec, ctx, **kwargs):
+    """Class features and d(sum of a fixed random projection of them)/d ctx."""
+    frozen = clip.token_embeddings(spec.token_ids)
+    probe = np.random.default_rng(3).normal(size=(spec.num_classes, 16)).astype(np.float32)
+
+    def f(c):
+        out = prompt_lib.class_features(clip.module, clip.params, frozen, c, spec, **kwargs)
+        return jnp.sum(out * probe), out
+
+    (_, feats), grad = jax.jit(jax.value_and_grad(f, has_aux=True))(ctx)
+    return np.asarray(feats), np.asarray(grad)
+
+
+@pytest.mark.parametrize("position,prefix_len", [("end", 1 + 6), ("middle", 1 + 3)])
+def test_shared_prefix_encoding_equals_the_full_sequences(clip, position, prefix_len):
+    """The prefix encoded once, the K suffixes attending to its keys and values: same features and same
+    gradient w.r.t. the context as K full sequences through the tower."""
+    spec = prompt_lib.build_prompt_spec(CLASSNAMES, n_ctx=6, class_token_position=position)
+    assert spec.shared_prefix_len == prefix_len
+    ctx = prompt_lib.init_context(jax.random.key(1), spec, 32)["ctx"] * 20  # every slot matters
+    full, full_grad = _features_and_grad(clip, spec, ctx, shared_prefix=False)
+    shared, shared_grad = _features_and_grad(clip, spec, ctx, shared_prefix=True)
+    # The full path against the sentence oracle is test_context_of_real_words_equals_the_sentence.
+    np.testing.assert_allclose(shared, full, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(shared_grad, full_grad, rtol=1e-4, atol=1e-5)
+    assert np.abs(full_grad).min() > 0  # every context coordinate has a gradient to compare
+
+
+def test_shared_prefix_length_of_each_layout():
+    names = ["cat", "sea lion"]
+    assert prompt_lib.build_prompt_spec(names, n_ctx=4, class_token_position="end").shared_prefix_len == 5
+    assert prompt_lib.build_prompt_spec(names, n_ctx=4, class_token_position="middle").shared_prefix_len == 3
+    assert prompt_lib.build_prompt_spec(names, n_ctx=4, class_token_position="front").shared_prefix_len == 1
+    # Class names starting with the same word share it too; the end-of-text token is never in the prefix.
+    assert prompt_lib.build_prompt_spec(["sea lion", "sea cow"], n_ctx=4).shared_prefix_len == 6
+    assert prompt_lib.build_prompt_spec(["cat"], n_ctx=4).shared_prefix_len == 7  # [SOS] 4 ctx "cat" "." then [EOT]
+
+
+def test_class_specific_context_takes_the_full_path(clip):
+    spec = prompt_lib.build_prompt_spec(CLASSNAMES, n_ctx=4)
+    ctx = prompt_lib.init_context(jax.random.key(2), spec, 32, csc=True)["ctx"] * 20
+    a, ga = _features_and_grad(clip, spec, ctx, shared_prefix=True)
+    b, gb = _features_and_grad(clip, spec, ctx, shared_prefix=False)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ga, gb)

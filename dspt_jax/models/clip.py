@@ -11,6 +11,9 @@ The text tower has two entry points:
     vectors already placed among the token embeddings. Because attention is causal, the feature at
     `eot_index` only depends on positions <= eot_index, so callers may pass sequences cut to
     `max(eot_index) + 1` tokens: same features, a fraction of the compute.
+  * `encode_text_shared_prefix(prefix, suffixes, eot_index)`: the same features for K sequences that begin
+    with the same tokens (CoOp's [SOS] + shared context before every class name): the prefix is encoded once
+    and every suffix attends to its keys and values, as in KV-cached decoding.
 
 No TensorFlow here.
 """
@@ -114,28 +117,62 @@ class CLIPConfig:
         }
 
 
+def _causal_scores(scores: Array) -> Array:
+    """Masks [..., q, k] attention scores so that query i sees keys <= i (q == k)."""
+    l = scores.shape[-1]
+    return jnp.where(jnp.tril(jnp.ones((l, l), dtype=bool)), scores, jnp.finfo(jnp.float32).min)
+
+
 class Attention(nn.Module):
+    """Multi-head self-attention. Scores and softmax in float32 whatever the compute dtype.
+
+    With `prefix` ([1, P, D], a token sequence every row of `x` continues), the rows of `x` are suffixes
+    [N, S, D] that attend causally to themselves and fully to the prefix's keys and values, computed once:
+    KV-cached decoding of N continuations of one shared prefix. Returns (suffix, prefix) outputs then.
+    """
+
     hidden_size: int
     num_heads: int
     causal: bool
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        b, l, d = x.shape
+    def __call__(self, x: Array, prefix: Array | None = None):
         head_dim = self.hidden_size // self.num_heads
-        dense = lambda name: nn.Dense(self.hidden_size, dtype=self.dtype, name=name)
-        split = lambda t: t.reshape(b, l, self.num_heads, head_dim)
-        q = split(dense("q_proj")(x))
-        k = split(dense("k_proj")(x))
-        v = split(dense("v_proj")(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim**-0.5
-        if self.causal:
-            mask = jnp.tril(jnp.ones((l, l), dtype=bool))
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        q_proj, k_proj, v_proj, out_proj = (
+            nn.Dense(self.hidden_size, dtype=self.dtype, name=name)
+            for name in ("q_proj", "k_proj", "v_proj", "out_proj")
+        )
+
+        def qkv(t):
+            split = lambda u: u.reshape(*t.shape[:-1], self.num_heads, head_dim)
+            return split(q_proj(t)), split(k_proj(t)), split(v_proj(t))
+
+        def attend(q, k, v, causal):
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim**-0.5
+            if causal:
+                scores = _causal_scores(scores)
+            weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+            return out_proj(out.reshape(*out.shape[:-2], self.hidden_size))
+
+        q, k, v = qkv(x)
+        if prefix is None:
+            return attend(q, k, v, self.causal)
+        if not self.causal:
+            raise ValueError("a shared prefix needs causal attention")
+        qp, kp, vp = qkv(prefix)
+        # Scores of the suffix queries against the prefix keys (no broadcast of the prefix to N rows) and
+        # against their own keys (causal), one softmax over both.
+        to_prefix = jnp.einsum("bqhd,khd->bhqk", q, kp[0]).astype(jnp.float32)
+        to_self = _causal_scores(jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32))
+        scores = jnp.concatenate([to_prefix, to_self], axis=-1) * head_dim**-0.5
         weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, l, d)
-        return dense("out_proj")(out)
+        n_prefix = kp.shape[1]
+        out = jnp.einsum("bhqk,khd->bqhd", weights[..., :n_prefix], vp[0]) + jnp.einsum(
+            "bhqk,bkhd->bqhd", weights[..., n_prefix:], v
+        )
+        return out_proj(out.reshape(*out.shape[:-2], self.hidden_size)), attend(qp, kp, vp, True)
 
 
 class MLP(nn.Module):
@@ -157,7 +194,11 @@ def _layer_norm(eps: float, name: str, dtype) -> nn.LayerNorm:
 
 
 class EncoderLayer(nn.Module):
-    """Pre-LN transformer block: x + attn(ln1(x)), then + mlp(ln2(.))."""
+    """Pre-LN transformer block: x + attn(ln1(x)), then + mlp(ln2(.)).
+
+    With `prefix` (see `Attention`), returns (x, prefix) after the block, each token through the same
+    weights: the layer norms and the MLP are per token, only attention mixes the two.
+    """
 
     hidden_size: int
     intermediate_size: int
@@ -168,36 +209,49 @@ class EncoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        h = _layer_norm(self.eps, "layer_norm1", self.dtype)(x)
-        x = x + Attention(self.hidden_size, self.num_heads, self.causal, self.dtype, name="self_attn")(h)
-        h = _layer_norm(self.eps, "layer_norm2", self.dtype)(x)
-        return x + MLP(self.hidden_size, self.intermediate_size, self.act, self.dtype, name="mlp")(h)
+    def __call__(self, x: Array, prefix: Array | None = None):
+        ln1 = _layer_norm(self.eps, "layer_norm1", self.dtype)
+        ln2 = _layer_norm(self.eps, "layer_norm2", self.dtype)
+        attn = Attention(self.hidden_size, self.num_heads, self.causal, self.dtype, name="self_attn")
+        mlp = MLP(self.hidden_size, self.intermediate_size, self.act, self.dtype, name="mlp")
+        if prefix is None:
+            x = x + attn(ln1(x))
+            return x + mlp(ln2(x))
+        out, out_prefix = attn(ln1(x), prefix=ln1(prefix))
+        x, prefix = x + out, prefix + out_prefix
+        return x + mlp(ln2(x)), prefix + mlp(ln2(prefix))
 
 
 class LayerCollection(nn.Module):
-    """Holds the blocks as `layers/0`, `layers/1`, ... (HF's naming)."""
+    """Holds the blocks as `layers/0`, `layers/1`, ... (HF's naming). `remat`: recompute each block's
+    activations in the backward pass instead of keeping them (memory for compute; same parameters)."""
 
     num_layers: int
     layer_kwargs: dict
+    remat: bool = False
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, prefix: Array | None = None):
+        layer = nn.remat(EncoderLayer) if self.remat else EncoderLayer
         for i in range(self.num_layers):
-            x = EncoderLayer(**self.layer_kwargs, name=str(i))(x)
-        return x
+            if prefix is None:
+                x = layer(**self.layer_kwargs, name=str(i))(x)
+            else:
+                x, prefix = layer(**self.layer_kwargs, name=str(i))(x, prefix)
+        return x if prefix is None else (x, prefix)
 
 
 class Encoder(nn.Module):
     num_layers: int
     layer_kwargs: dict
+    remat: bool = False
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        return LayerCollection(self.num_layers, self.layer_kwargs, name="layers")(x)
+    def __call__(self, x: Array, prefix: Array | None = None):
+        return LayerCollection(self.num_layers, self.layer_kwargs, self.remat, name="layers")(x, prefix)
 
 
-def _encoder(cfg, causal: bool, dtype) -> Encoder:
+def _encoder(cfg, causal: bool, dtype, remat: bool = False) -> Encoder:
     return Encoder(
         cfg.num_hidden_layers,
         dict(
@@ -209,6 +263,7 @@ def _encoder(cfg, causal: bool, dtype) -> Encoder:
             causal=causal,
             dtype=dtype,
         ),
+        remat,
         name="encoder",
     )
 
@@ -236,10 +291,11 @@ class TextEmbeddings(nn.Module):
 class TextTransformer(nn.Module):
     config: TextConfig
     dtype: Any = jnp.float32
+    remat: bool = False
 
     def setup(self):
         self.embeddings = TextEmbeddings(self.config)
-        self.encoder = _encoder(self.config, causal=True, dtype=self.dtype)
+        self.encoder = _encoder(self.config, causal=True, dtype=self.dtype, remat=self.remat)
         self.final_layer_norm = _layer_norm(self.config.layer_norm_eps, "final_layer_norm", self.dtype)
 
     def token_embeddings(self, input_ids: Array) -> Array:
@@ -249,6 +305,22 @@ class TextTransformer(nn.Module):
         """[N, L, D] token embeddings (no positions yet) + [N] end-of-text index -> [N, D] pooled."""
         x = token_embeds.astype(jnp.float32) + self.embeddings.positions(token_embeds.shape[1])
         x = self.encoder(x.astype(self.dtype))
+        x = self.final_layer_norm(x)
+        return jnp.take_along_axis(x, eot_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+
+    def pooled_from_shared_prefix(self, prefix_embeds: Array, suffix_embeds: Array, eot_index: Array) -> Array:
+        """N sequences that all start with the same P tokens: prefix [P, D] + suffixes [N, S, D] (token
+        embeddings, no positions) + [N] end-of-text index within the suffix -> [N, D] pooled.
+
+        The prefix goes through the tower once and each suffix attends to its cached keys and values: the
+        same features as `pooled_from_embeddings` on the concatenated sequences (the tower is causal), for
+        P + N * S tokens instead of N * (P + S).
+        """
+        n_prefix = prefix_embeds.shape[0]
+        positions = self.embeddings.positions(n_prefix + suffix_embeds.shape[1])
+        prefix = prefix_embeds.astype(jnp.float32) + positions[:n_prefix]
+        suffix = suffix_embeds.astype(jnp.float32) + positions[n_prefix:]
+        x, _ = self.encoder(suffix.astype(self.dtype), prefix[None].astype(self.dtype))
         x = self.final_layer_norm(x)
         return jnp.take_along_axis(x, eot_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
 
@@ -314,10 +386,11 @@ class CLIPModule(nn.Module):
 
     config: CLIPConfig
     dtype: Any = jnp.float32  # compute dtype of the towers
+    remat_text: bool = False  # recompute text-layer activations in the backward pass (many classes)
 
     def setup(self):
         cfg = self.config
-        self.text_model = TextTransformer(cfg.text, self.dtype)
+        self.text_model = TextTransformer(cfg.text, self.dtype, self.remat_text)
         self.vision_model = VisionTransformer(cfg.vision, self.dtype)
         self.visual_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype)
         self.text_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype)
@@ -336,6 +409,12 @@ class CLIPModule(nn.Module):
 
     def encode_text_embeddings(self, token_embeds: Array, eot_index: Array) -> Array:
         pooled = self.text_model.pooled_from_embeddings(token_embeds, eot_index)
+        return self.text_projection(pooled).astype(jnp.float32)
+
+    def encode_text_shared_prefix(self, prefix_embeds: Array, suffix_embeds: Array, eot_index: Array) -> Array:
+        """`encode_text_embeddings` of sequences that share their first tokens (see
+        `TextTransformer.pooled_from_shared_prefix`); `eot_index` counts from the start of the suffix."""
+        pooled = self.text_model.pooled_from_shared_prefix(prefix_embeds, suffix_embeds, eot_index)
         return self.text_projection(pooled).astype(jnp.float32)
 
     def __call__(self, pixels: Array, input_ids: Array) -> tuple[Array, Array]:

@@ -33,10 +33,26 @@ class PromptSpec:
     eot_index: np.ndarray  # int32 [K]
     n_ctx: int
     class_token_position: str
+    # With a shared context, positions [0, shared_prefix_len) hold the same token or the same context
+    # vector in every prompt (1 + n_ctx with the class token at the end): see `encode`.
+    shared_prefix_len: int = 1
 
     @property
     def num_classes(self) -> int:
         return self.token_ids.shape[0]
+
+
+def _shared_prefix_len(token_ids: np.ndarray, ctx_positions: np.ndarray) -> int:
+    """Leading positions equal in every row when the context is shared: the same token id, or the same
+    context slot. Capped so that every end-of-text token stays after the prefix."""
+    k, length = token_ids.shape
+    slot = np.full((k, length), -1)
+    slot[np.arange(k)[:, None], ctx_positions] = np.arange(ctx_positions.shape[1])
+    key = np.where(slot >= 0, -1 - slot, token_ids)  # context slot i -> -1 - i, never a token id
+    same = (key == key[:1]).all(axis=0)
+    n = length if same.all() else int(np.argmin(same))
+    eot = (token_ids == token_ids.max(axis=1, keepdims=True)).argmax(axis=1)
+    return max(1, min(n, int(eot.min())))
 
 
 def build_prompt_spec(
@@ -89,12 +105,14 @@ def build_prompt_spec(
     token_ids = np.zeros((len(rows), length), np.int32)
     for i, r in enumerate(rows):
         token_ids[i, : len(r)] = r
+    ctx_positions = np.asarray(positions, np.int32)
     return PromptSpec(
         token_ids=token_ids,
-        ctx_positions=np.asarray(positions, np.int32),
+        ctx_positions=ctx_positions,
         eot_index=np.asarray([len(r) - 1 for r in rows], np.int32),
         n_ctx=n_ctx,
         class_token_position=class_token_position,
+        shared_prefix_len=_shared_prefix_len(token_ids, ctx_positions),
     )
 
 
@@ -145,3 +163,50 @@ def assemble(frozen_embeds: jax.Array, ctx: jax.Array, ctx_positions: jax.Array)
     ctx = jnp.broadcast_to(ctx.astype(frozen_embeds.dtype), (k,) + ctx.shape[-2:])
     rows = jnp.arange(k)[:, None]
     return frozen_embeds.at[rows, ctx_positions].set(ctx)
+
+
+def class_features(
+    module,
+    clip_params,
+    frozen_embeds: jax.Array,
+    ctx: jax.Array,
+    spec: PromptSpec,
+    *,
+    shared_prefix: bool = True,
+    class_sharding=None,
+) -> jax.Array:
+    """The K class features [K, D] (projected, float32) of the prompts with context `ctx`: one pass of the
+    text tower over all classes, differentiable w.r.t. `ctx`.
+
+    shared_prefix: with a shared context and `spec.shared_prefix_len` > 1 (the class token at the end or in
+      the middle), encode the common [SOS] + context tokens once and the K class suffixes against their
+      cached keys and values (`CLIPModule.encode_text_shared_prefix`): the same features for
+      1 + n_ctx + K * S tokens instead of K * (1 + n_ctx + S). Otherwise the K full (cut) sequences.
+    class_sharding: a `NamedSharding` that splits the first axis over devices: the K prompts are padded to
+      a multiple of the shard count and each device encodes its share; the features come back replicated.
+    """
+    embeds = assemble(frozen_embeds, ctx, jnp.asarray(spec.ctx_positions))
+    eot = jnp.asarray(spec.eot_index)
+    k = spec.num_classes
+    n_prefix = spec.shared_prefix_len if shared_prefix and ctx.ndim == 2 else 1
+    rows = embeds[:, n_prefix:] if n_prefix > 1 else embeds
+    if n_prefix > 1:
+        eot = eot - n_prefix
+    if class_sharding is not None:
+        shards = class_sharding.mesh.shape[class_sharding.spec[0]]
+        pad = -k % shards  # copies of the first prompt, dropped after encoding
+        rows = jnp.concatenate([rows, jnp.broadcast_to(rows[:1], (pad, *rows.shape[1:]))])
+        eot = jnp.concatenate([eot, jnp.broadcast_to(eot[:1], (pad,))])
+        rows = jax.lax.with_sharding_constraint(rows, class_sharding)
+        eot = jax.lax.with_sharding_constraint(eot, class_sharding)
+    variables = {"params": clip_params}
+    if n_prefix > 1:
+        out = module.apply(variables, embeds[0, :n_prefix], rows, eot, method="encode_text_shared_prefix")
+    else:
+        out = module.apply(variables, rows, eot, method="encode_text_embeddings")
+    out = out[:k]
+    if class_sharding is not None:
+        out = jax.lax.with_sharding_constraint(
+            out, jax.sharding.NamedSharding(class_sharding.mesh, jax.sharding.PartitionSpec())
+        )
+    return out
