@@ -1,7 +1,11 @@
 """Real-size smoke: ViT-B/16 shapes (random weights), 100 classes (Caltech101's CoOp names), CoOp's batch 32
 and n_ctx 16, a few training steps through the real trainer; prints steps/s. No weights or data needed.
 
-  python benchmarks/real_size_smoke.py --steps=5 [--dtype=bfloat16] [--workdir=/tmp/real_size_smoke]
+  python benchmarks/real_size_smoke.py --steps=5 [--dtype=bfloat16] [--image_features=cached]
+      [--workdir=/tmp/real_size_smoke]
+
+Unlike `python -m dspt_jax.bench` (the jitted step alone), this goes through the whole trainer, input pipeline
+included, and reports the share of the training loop spent waiting for input.
 """
 
 import argparse
@@ -22,6 +26,7 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--image_features", default="computed", help="computed | cached | views:N")
     parser.add_argument("--workdir", default="/tmp/real_size_smoke")
     args = parser.parse_args()
     train.log_to_stdout()
@@ -38,6 +43,7 @@ def main():
     config = default_config()
     config.model.source = "random:vit_b16"
     config.model.compute_dtype = args.dtype
+    config.image_features = args.image_features
     config.data.name = "random_caltech_shapes"
     config.data.shots = per_class
     config.batch_size = args.batch_size
@@ -58,6 +64,8 @@ def main():
                 "batch": args.batch_size,
                 "n_ctx": 16,
                 "dtype": args.dtype,
+                "image_features": args.image_features,
+                "input_wait_fraction": results["input_wait_fraction"],
                 "steps": results["steps"],
                 "first_step_s": 1 / lines[0]["steps_per_sec"],
                 "steady_steps_per_sec": float(np.mean(steady)) if steady else None,

@@ -102,7 +102,9 @@ def flatten_results(results: dict, path: str = "<results>") -> dict:
         "gce_q": results.get("gce_q"),
         "seed": _require(results, path, "seed"),
         "shots": shots,
-        "model": results.get("model", ""),
+        # A run on cached image features is another protocol: it gets its own table (and says so).
+        "model": results.get("model", "")
+        + ("" if results.get("image_features", "computed") == "computed" else f", image features {results['image_features']}"),
         "epochs": results.get("epochs"),
         "steps": results.get("steps"),
         "prompt": json.dumps(results.get("prompt"), sort_keys=True),

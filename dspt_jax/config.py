@@ -29,6 +29,10 @@ def default_config() -> ml_collections.ConfigDict:
     # A hub id, a local directory (config.json + weights), or "random:<preset>" (dspt_jax.models.presets).
     config.model.source = "openai/clip-vit-base-patch16"
     config.model.compute_dtype = "float32"  # or "bfloat16": towers only; the loss is always float32
+    # How the text tower encodes the K class prompts; none of these changes a result beyond float rounding.
+    config.model.shared_prefix = True  # [SOS] + shared context encoded once, class suffixes attend to it
+    config.model.shard_classes = True  # with several devices, each encodes about K / devices prompts
+    config.model.remat_text = False  # recompute text activations in the backward pass (memory, 1000 classes)
 
     config.prompt = ml_collections.ConfigDict()
     config.prompt.n_ctx = 16
@@ -43,6 +47,11 @@ def default_config() -> ml_collections.ConfigDict:
     config.optim.weight_decay = 5e-4
     config.optim.warmup_epochs = 1
     config.optim.warmup_lr = 1e-5
+
+    # How training images reach the loss (dspt_jax/features.py): computed (CoOp: the image tower on every
+    # augmented batch) | cached (each image encoded once, no augmentation) | views:N (N augmented views of
+    # each image encoded once, one drawn per epoch). cached and views:N are protocol changes.
+    config.image_features = "computed"
 
     config.num_epochs = 200  # CoOp: 200 at 8/16 shots, 100 at 2/4, 50 at 1
     config.max_steps = config_dict.placeholder(int)  # cut the run short (tests, smoke runs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -46,3 +47,12 @@ def to_global(local_batch: dict, mesh: Mesh) -> dict:
 
 def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, replicated(mesh))
+
+
+def gather(x) -> np.ndarray:
+    """A global jax.Array, whole, on every host (a replicated one is read from a local copy)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    if isinstance(x, jax.Array) and x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

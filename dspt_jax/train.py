@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from dspt_jax import checkpointing, losses, metrics, sharding
+from dspt_jax import checkpointing, features, losses, metrics, sharding
 from dspt_jax import tokenizer as tok_lib
 from dspt_jax.models import prompt as prompt_lib
 from dspt_jax.models.clip import CLIPModule, l2_normalize
@@ -78,6 +78,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         transition=config.noise.transition,
     )
     noise.check_seed(config.seed)
+    features.parse_mode(config.image_features)
     p = config.prompt
     if p.n_ctx < 1:
         raise ValueError(f"config.prompt.n_ctx must be >= 1, got {p.n_ctx}")
@@ -213,50 +214,6 @@ def make_train_step(
     return train_step
 
 
-def make_predict_step(module: CLIPModule):
-    def predict(clip_params, class_features, images):
-        image_features = module.apply({"params": clip_params}, images, method="encode_image")
-        return jnp.argmax(logits_from_features(clip_params, image_features, class_features), -1).astype(
-            jnp.int32
-        )
-
-    return predict
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Evaluation.
-
-
-def _gather(x) -> np.ndarray:
-    """A global jax.Array, whole, on every host."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def predict_split(predict_jit, clip_params, class_features, batches, mesh) -> dict[str, np.ndarray]:
-    """Runs `predict` over an evaluation iterator; returns the real (unmasked) rows of
-    `pred`, `label`, `clean_label` and `id`.
-
-    Labels, ids and the mask travel as global arrays sharded like the images, so that gathering keeps
-    every prediction next to its own label whatever order the mesh puts the processes' devices in.
-    """
-    fields = ("label", "clean_label", "id", "mask")
-    out: dict[str, list] = {k: [] for k in ("pred",) + fields}
-    for local in batches:
-        local = {k: local[k] for k in ("image",) + fields}
-        local["id"] = local["id"].astype(np.int32)  # without jax_enable_x64 the device keeps 32 bits anyway
-        batch = sharding.to_global(local, mesh)
-        out["pred"].append(_gather(predict_jit(clip_params, class_features, batch["image"])))
-        for k in fields:
-            out[k].append(_gather(batch[k]))
-    if not out["pred"]:
-        raise ValueError("evaluation split is empty")
-    cat = {k: np.concatenate(v) for k, v in out.items()}
-    keep = cat.pop("mask").astype(bool)
-    return {k: v[keep] for k, v in cat.items()}
-
-
 def _true_labels(rows) -> np.ndarray:
     """Evaluation targets: the clean label where known, else the split's own label."""
     return np.where(rows["clean_label"] >= 0, rows["clean_label"], rows["label"])
@@ -300,6 +257,9 @@ OPERATIONAL_FIELDS = frozenset(
         "eval_train",
         "data.data_dir",
         "data.download",
+        "model.shared_prefix",
+        "model.shard_classes",
+        "model.remat_text",
     }
 )
 
@@ -395,6 +355,42 @@ class _SigintFlag:
         return False
 
 
+def training_features(config, task, mode: features.FeatureMode, workdir: str, encoded) -> np.ndarray:
+    """The training set's image features [views, M, D] in `task.train` order, from the workdir's cache when
+    its key matches, else encoded (`encoded(split, view)`, see train_and_evaluate) and saved."""
+    from dspt_jax.data import pipeline
+
+    ex = task.train
+    key = features.cache_key(
+        model=config.model.source,
+        compute_dtype=config.model.compute_dtype,
+        dataset=task.dataset_id,
+        ids=ex.ids,
+        image_size=task.image_size,
+        crop_scale=task.crop_scale,
+        mode=mode,
+        seed=config.seed,
+    )
+
+    def compute():
+        t0 = time.time()
+        views = [None] if not mode.augmented else [pipeline.View(config.seed, v, mode.views) for v in range(mode.views)]
+        out = []
+        for view in views:
+            rows = encoded("train", view)
+            if not np.array_equal(rows["id"], ex.ids.astype(np.int32)):
+                raise RuntimeError("training features came back in another order than the training set")
+            out.append(rows["features"])
+        log.info("Encoded %d view(s) of %d training images (%s) in %.1fs", len(views), len(ex), mode, time.time() - t0)
+        return np.stack(out)
+
+    path = features.cache_path(workdir, mode)
+    bank, reused = features.load_or_compute(path, key, compute, write=jax.process_index() == 0)
+    if reused:
+        log.info("Training image features (%s) reused from %s", mode, path)
+    return bank
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CLIP | None = None) -> dict:
     """Runs zero-shot evaluation, prompt tuning and final evaluation; returns (and writes) the results.
 
@@ -403,6 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
     """
     start_time = time.time()
     validate_config(config)
+    feature_mode = features.parse_mode(config.image_features)
     _prepare_workdir(config, workdir)
     from dspt_jax.data import pipeline  # TensorFlow lives there
 
@@ -424,7 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
             f"{config.model.source!r} takes {clip.config.vision.image_size} px images."
         )
     task = pipeline.load_task(data_config(config), workdir=workdir, process_index=pidx)
-    module = clip.module
+    module = CLIPModule(clip.config, dtype=clip.dtype, remat_text=config.model.remat_text)
     log.info(
         "Task %s: %d classes, %d train / %d test examples; CLIP %s on %d device(s)",
         task.name,
@@ -481,20 +478,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         state = ckpt.restore(state)
         log.info("Resumed from %s at step %d", workdir, int(state.step))
 
-    predict_jit = jax.jit(
-        make_predict_step(module),
-        in_shardings=(repl, repl, sharding.batch_sharding(mesh)),
+    text_jit = jax.jit(
+        lambda cp, fe, pr: prompt_lib.class_features(
+            module, cp, fe, pr["ctx"], spec, shared_prefix=config.model.shared_prefix
+        ),
+        out_shardings=repl,
+    )
+    encode_jit = jax.jit(
+        lambda cp, images: module.apply({"params": cp}, images, method="encode_image"),
+        in_shardings=(repl, sharding.batch_sharding(mesh)),
         out_shardings=sharding.batch_sharding(mesh),
     )
-    text_jit = jax.jit(
-        lambda cp, fe, pr: prompt_lib.class_features(module, cp, fe, pr["ctx"], spec), out_shardings=repl
-    )
+    split_rows: dict[str, dict] = {}
+
+    def encoded(split: str, view=None) -> dict:
+        """The split's image features (test transform, or an augmented training view), with labels and
+        ids; the test-transform features are encoded once per run and reused by every evaluation."""
+        if view is None and split in split_rows:
+            return split_rows[split]
+        batches = pipeline.eval_batches(
+            task, split, global_batch_size=eval_batch_size, process_index=pidx, process_count=pcount, view=view
+        )
+        rows = features.encode_split(encode_jit, clip_params, batches, mesh)
+        if view is None:
+            split_rows[split] = rows
+        return rows
 
     def evaluate(class_features, split: str) -> dict:
-        batches = pipeline.eval_batches(
-            task, split, global_batch_size=eval_batch_size, process_index=pidx, process_count=pcount
-        )
-        return predict_split(predict_jit, clip_params, class_features, batches, mesh)
+        rows = encoded(split)
+        pred = features.predict(rows["features"], sharding.gather(class_features), clip.logit_scale)
+        return {**rows, "pred": pred}
 
     zero_shot_path = os.path.join(workdir, "zero_shot.json")
     zero_shot = None
@@ -518,29 +531,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
             )
 
     train_step = jax.jit(
-        make_train_step(module, spec, loss_fn, tx),
+        make_train_step(
+            module,
+            spec,
+            loss_fn,
+            tx,
+            shared_prefix=config.model.shared_prefix,
+            class_sharding=sharding.batch_sharding(mesh) if config.model.shard_classes and n_dev > 1 else None,
+        ),
         in_shardings=(repl, repl, repl, sharding.batch_sharding(mesh)),
         out_shardings=(repl, repl),
         donate_argnums=(0,),
     )
     step = int(state.step)
+    if feature_mode.cached:
+        bank = training_features(config, task, feature_mode, workdir, encoded)
+        train_iter = pipeline.train_feature_batches(
+            task,
+            bank,
+            global_batch_size=batch_size,
+            seed=config.seed,
+            start_step=step,
+            process_index=pidx,
+            process_count=pcount,
+        )
+    else:
+        train_iter = pipeline.train_batches(
+            task,
+            global_batch_size=batch_size,
+            seed=config.seed,
+            augment=config.data.augment,
+            start_step=step,
+            process_index=pidx,
+            process_count=pcount,
+        )
     writer = metrics.MetricWriter(workdir, enabled=pidx == 0, resume_step=step)
-    train_iter = pipeline.train_batches(
-        task,
-        global_batch_size=batch_size,
-        seed=config.seed,
-        augment=config.data.augment,
-        start_step=step,
-        process_index=pidx,
-        process_count=pcount,
-    )
     log.info(
-        "Training %d steps (%d per epoch, %d epochs, batch %d), loss %s, from step %d",
+        "Training %d steps (%d per epoch, %d epochs, batch %d), loss %s, image features %s, from step %d",
         total_steps,
         steps_per_epoch,
         config.num_epochs,
         batch_size,
         config.loss,
+        feature_mode,
         step,
     )
 
@@ -555,6 +588,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
 
     epoch_evals = []
     window, window_start, window_step = [], time.time(), step
+    # Host time blocked on the input pipeline: per log window, and over the whole training loop.
+    input_wait, total_wait, loop_start = 0.0, 0.0, time.time()
     try:
         with _SigintFlag() as sigint:
             interrupted = False
@@ -570,7 +605,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
                 return bool(np.any(multihost_utils.process_allgather(np.int32(sigint.raised))))
 
             while step < total_steps and not interrupted:
+                t_wait = time.time()
                 batch = sharding.to_global(next(train_iter), mesh)
+                input_wait += time.time() - t_wait
+                total_wait += time.time() - t_wait
                 state, step_metrics = train_step(state, clip_params, frozen_embeds, batch)
                 step += 1
                 window.append(step_metrics)
@@ -579,11 +617,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
                 if log_step:
                     check_finite()
                     host = jax.device_get(window)
-                    rate = (step - window_step) / max(time.time() - window_start, 1e-9)
+                    elapsed = max(time.time() - window_start, 1e-9)
+                    rate = (step - window_step) / elapsed
                     scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
                     scalars.update(
-                        lr=float(schedule(step - 1)), steps_per_sec=rate, epoch=(step - 1) // steps_per_epoch
+                        lr=float(schedule(step - 1)),
+                        steps_per_sec=rate,
+                        epoch=(step - 1) // steps_per_epoch,
+                        input_wait_fraction=input_wait / elapsed,
                     )
+                    input_wait = 0.0
                     writer.write(step, scalars)
                     log.info(
                         "step %d/%d  epoch %d/%d  loss %.4f  train_acc %.3f  lr %.2e  %.2f steps/s  ETA %s",
@@ -628,6 +671,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         train_iter.close()
         ckpt.close()
         writer.close()
+    train_loop_s = time.time() - loop_start
 
     if pidx == 0:  # the learned prompt, reusable without orbax
         np.savez(
@@ -680,11 +724,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         "epochs": config.num_epochs,
         "epochs_completed": step / steps_per_epoch,
         "batch_size": batch_size,
+        # How training images reached the loss; anything but "computed" departs from CoOp's protocol.
+        "image_features": str(feature_mode),
         "zero_shot": zero_shot,
         "final": final,
         "epoch_evals": epoch_evals,
         "train": train_diag,
         "wall_time_s": time.time() - start_time,
+        "train_loop_s": train_loop_s,
+        # Share of the training loop the host spent waiting for the next batch (input-bound when large).
+        "input_wait_fraction": total_wait / max(train_loop_s, 1e-9),
     }
     _write_json(os.path.join(workdir, "results.json"), results)
     return results

@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import ml_collections
 import numpy as np
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _SHUFFLE_STREAM = 0x5348_5546  # keeps the epoch permutations apart from other uses of the seed
+_VIEW_STREAM = 0x5649_4557  # and the per-epoch view draws of the image-feature cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,6 +451,61 @@ def train_batches(
     return _numpy_batches(ds, what="training batches", locate=locate, pool=ex.pool)
 
 
+def train_feature_batches(
+    task: Task,
+    features: np.ndarray,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict]:
+    """``train_batches`` over precomputed image features instead of images (no TensorFlow involved).
+
+    ``features`` [V, M, D]: V views of the M training examples, in ``task.train`` order (V = 1: one
+    feature per image). Step ``s`` holds the same examples, in the same order, as step ``s`` of
+    ``train_batches``; with V > 1 each example takes view ``view_draws(seed, epoch, M, V)[k]`` in that
+    epoch, so every epoch sees one view of each image, drawn afresh. Yields ``image_features`` in place
+    of ``image``; the other fields as ``train_batches``.
+    """
+    local = _check_hosts(global_batch_size, process_index, process_count)
+    m = task.train_size
+    if features.ndim != 3 or features.shape[1] != m:
+        raise ValueError(f"features must be [views, {m}, dim], got {features.shape}")
+    if m < global_batch_size:
+        raise ValueError(
+            f"the training set has {m} examples, fewer than global_batch_size={global_batch_size}"
+        )
+    per_epoch = m // global_batch_size
+    ex = task.train
+    first_row = process_index * local
+    step, epoch = int(start_step), -1
+    while True:
+        e, j = divmod(step, per_epoch)
+        if e != epoch:
+            epoch, perm = e, epoch_permutation(seed, e, m)
+            views = view_draws(seed, e, m, features.shape[0])
+        ks = perm[j * global_batch_size :][first_row : first_row + local]
+        yield {
+            "image_features": features[views[ks], ks],
+            "label": ex.labels[ks].astype(np.int32),
+            "clean_label": ex.clean[ks].astype(np.int32),
+            "id": ex.ids[ks].astype(np.int64),
+            "mask": np.ones(local, bool),
+            "flipped": task.flipped[ks].astype(bool),
+        }
+        step += 1
+
+
+def view_draws(seed: int, epoch: int, size: int, num_views: int) -> np.ndarray:
+    """Which view of each training example (by position) epoch ``epoch`` uses: a function of
+    (seed, epoch) only, so every host and every resume draws the same."""
+    if num_views == 1:
+        return np.zeros(size, np.int64)
+    return np.random.default_rng([int(seed), int(epoch), _VIEW_STREAM]).integers(0, num_views, size)
+
+
 class UnreadableImageError(ValueError):
     """An example's image cannot be read or decoded (a corrupt, truncated or missing image file, or
     undecodable image bytes in a tfds record)."""
@@ -509,6 +565,23 @@ def num_eval_batches(task: Task, split: str, global_batch_size: int, process_cou
     return -(-(-(-n // process_count)) // local)
 
 
+class View(NamedTuple):
+    """Augmented view ``index`` (of ``count``) of every training image: the training transform (random
+    resized crop + flip) seeded by ``(seed, -1 - (id * count + index))`` for the example ``id``, so a
+    view depends only on (seed, example, view) and never collides with the per-row seeds of
+    ``train_batches`` (which are >= 0)."""
+
+    seed: int
+    index: int
+    count: int
+
+
+def view_seed(view: View, example_id):
+    """The stateless seed pair of ``view`` of ``example_id`` (an int or an int64 tensor)."""
+    row = -1 - (example_id * view.count + view.index)
+    return tf.stack([tf.constant(int(view.seed), tf.int64), tf.cast(row, tf.int64)])
+
+
 def eval_batches(
     task: Task,
     split: str = "test",
@@ -517,6 +590,7 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     image_size: int | None = None,
+    view: View | None = None,
 ) -> Iterator[dict]:
     """Every example of ``split`` exactly once over all hosts, in padded batches of B / P rows.
 
@@ -524,8 +598,12 @@ def eval_batches(
     ``tfds.split_for_jax_process`` does for a whole tfds split; tfds then reads only that slice) and
     pads it with ``mask=False`` rows (image 0, label 0, clean_label -1, id -1) to
     ``num_eval_batches`` batches, so all hosts run the same number of steps. Nothing is dropped.
+    ``view``: the training transform of that augmented view instead of the test transform (the
+    image-feature cache's ``views:N``).
     """
     local = _check_hosts(global_batch_size, process_index, process_count)
+    if view is not None and not 0 <= view.index < view.count:
+        raise ValueError(f"view index {view.index} is not in [0, {view.count})")
     ex = task.examples(split)
     n = len(ex)
     lo, hi = process_index * n // process_count, (process_index + 1) * n // process_count
@@ -537,7 +615,10 @@ def eval_batches(
     def prepare(streamed, expected):
         (example_id, payload), (want_id, label, clean_label) = streamed, expected
         with tf.control_dependencies([tf.debugging.assert_equal(example_id, want_id)]):
-            image = eval_image(to_image(payload), size)
+            if view is None:
+                image = eval_image(to_image(payload), size)
+            else:
+                image = train_image(to_image(payload), size, view_seed(view, example_id), task.crop_scale)
         return {
             "image": image,
             "label": tf.cast(label, tf.int32),
@@ -601,5 +682,9 @@ __all__ = (
     "resize_center_crop",
     "steps_per_epoch",
     "train_batches",
+    "train_feature_batches",
     "train_image",
+    "View",
+    "view_draws",
+    "view_seed",
 )

@@ -8,7 +8,11 @@ replaced by learned vectors. Everything except the context is frozen, so the hos
     position: `end` -> right after [SOS]; `front` -> after the class name; `middle` -> split around it);
   * `eot_index` [K]: the end-of-text position, where the text feature is read.
 In the step, `assemble` scatters the context into the frozen embeddings of all K prompts at once (no
-per-class loop) and the K text features are computed once per step and reused for the whole batch.
+per-class loop) and `class_features` computes the K text features once per step, reused for the whole batch.
+With a shared context and the class token at the end (CoOp's default) every prompt starts with the same
+1 + n_ctx tokens; the causal text tower then gives them the same hidden states in every row, so
+`class_features` encodes that prefix once and only the K short class suffixes (name, ".", [EOT]) attend to
+its keys and values. With many classes the K rows can also be split over the devices.
 """
 
 from __future__ import annotations

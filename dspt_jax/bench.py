@@ -1,0 +1,379 @@
+"""How fast is a prompt-tuning step here: `python -m dspt_jax.bench`.
+
+Times the trainer's own jitted train step (`train.make_train_step`: prompt assembly, the text tower over the
+K class prompts, the image tower or cached image features, the loss, the SGD update) on real-size backbone
+shapes with random weights, so it needs no checkpoint and no data:
+
+  python -m dspt_jax.bench --backbone=vit_b16 --num_classes=100 --image_features=cached,computed
+  python -m dspt_jax.bench --reference            # also the PyTorch CoOp step, same shapes and weights
+  python -m dspt_jax.bench --estimate=caltech101  # wall time of a whole CoOp run in each feature mode
+  python -m dspt_jax.bench --text=shared_prefix,full --dtype=float32,bfloat16   # effect of each option
+
+Per case it prints steps/s and images/s (median over `--repeats` timed windows of `--steps` steps, after a
+warm-up step; compilation timed apart), the step's FLOPs per device from XLA's cost analysis, the achieved
+FLOP/s and its fraction of the device's peak (a large matmul timed in the same process), and memory. The
+last line printed is one JSON object: every case, and `steps_per_s` of the last one.
+
+Options of the step (each a comma-separated list; the cases are their product):
+  --image_features computed | cached     computed: the image tower runs on the batch every step (CoOp);
+                                         cached: precomputed features (`config.image_features`)
+  --text shared_prefix | full            the text tower on [SOS] + context once and the K class suffixes
+                                         against it, or on K full (cut) sequences
+  --dtype float32 | bfloat16             compute dtype of the towers; the loss is float32 either way
+With several devices the batch is sharded over them and, unless --noshard_classes, so are the K prompts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from dspt_jax import losses, sharding, train
+from dspt_jax.config import default_config
+from dspt_jax.data import classnames as classnames_lib
+from dspt_jax.models import prompt as prompt_lib
+from dspt_jax.models.clip import PRESETS, CLIPModule
+from dspt_jax.models.loading import CLIP, _check_and_unflatten, init_clip, torch_to_flax
+
+# CoOp's datasets for whole-run estimates: classes, test images (CoOp's split), epochs at 16 shots.
+ESTIMATES = {
+    "caltech101": (100, 2465, 200),
+    "oxford_pets": (37, 3669, 200),
+    "stanford_cars": (196, 8041, 200),
+    "oxford_flowers": (102, 2463, 200),
+    "food101": (101, 30300, 200),
+    "fgvc_aircraft": (100, 3333, 200),
+    "sun397": (397, 19850, 200),
+    "dtd": (47, 1692, 200),
+    "eurosat": (10, 8100, 200),
+    "ucf101": (101, 3783, 200),
+    "imagenet": (1000, 50000, 50),
+}
+SHOTS = 16
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("backbone", "vit_b16", f"one of {sorted(PRESETS)}")
+flags.DEFINE_list("num_classes", ["100"], "class counts (e.g. 10,100,1000)")
+flags.DEFINE_integer("batch_size", 32, "training batch (CoOp: 32)")
+flags.DEFINE_list("image_features", ["cached", "computed"], "computed | cached")
+flags.DEFINE_list("text", ["shared_prefix"], "shared_prefix | full")
+flags.DEFINE_list("dtype", ["float32"], "float32 | bfloat16")
+flags.DEFINE_string("loss", "dspt", "dspt | ce (the reference knows these two)")
+flags.DEFINE_integer("n_ctx", 16, "context vectors (CoOp: 16)")
+flags.DEFINE_integer("steps", 3, "steps per timed window")
+flags.DEFINE_integer("repeats", 3, "timed windows per case (the median is reported)")
+flags.DEFINE_bool("remat_text", False, "recompute text activations in the backward pass")
+flags.DEFINE_bool("shard_classes", True, "shard the class prompts over the devices (with several)")
+flags.DEFINE_bool("reference", False, "also time the PyTorch CoOp step (benchmarks/torch_coop_step.py)")
+flags.DEFINE_string("estimate", "", f"whole-run wall time of a 16-shot CoOp run on one of {sorted(ESTIMATES)}")
+flags.DEFINE_integer("peak_size", 0, "matmul size for the peak (0: 2048 on CPU, 8192 on accelerators)")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+IMAGE_FEATURE_MODES = ("computed", "cached")
+TEXT_PATHS = ("shared_prefix", "full")
+
+
+
+def class_names(k: int) -> list[str]:
+    """K real class names (Caltech101's up to 100, ImageNet's beyond), so prompts have real lengths."""
+    pool = classnames_lib.CALTECH101 if k <= len(classnames_lib.CALTECH101) else classnames_lib.IMAGENET
+    return [pool[i % len(pool)] + ("" if i < len(pool) else f" {i // len(pool)}") for i in range(k)]
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_flops(dtype, size: int = 0) -> float:
+    """FLOP/s of a jitted [n, n] @ [n, n] matmul on the default device: the practical peak."""
+    n = size or (2048 if jax.default_backend() == "cpu" else 8192)
+    a = jnp.ones((n, n), dtype)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    return 2 * n**3 / _median_seconds(lambda: mm(a).block_until_ready(), 5)
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return cost or {}
+
+
+def _memory(compiled) -> dict:
+    out = {}
+    try:
+        m = compiled.memory_analysis()
+        out["compiled_temp_mb"] = m.temp_size_in_bytes / 2**20
+        out["compiled_args_mb"] = m.argument_size_in_bytes / 2**20
+    except Exception:  # not every backend reports it
+        pass
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
+    return out
+
+
+def make_batch(clip_config, k: int, batch_size: int, image_features: str, seed: int = 0) -> dict:
+    """A random training batch: labels, mask, and images (`computed`) or image features (`cached`)."""
+    if image_features not in IMAGE_FEATURE_MODES:
+        raise ValueError(f"--image_features: {image_features!r} is not one of {IMAGE_FEATURE_MODES}")
+    rng = np.random.default_rng(seed)
+    batch = {"label": rng.integers(0, k, batch_size).astype(np.int32), "mask": np.ones(batch_size, bool)}
+    if image_features == "computed":
+        size = clip_config.vision.image_size
+        batch["image"] = rng.normal(size=(batch_size, size, size, 3)).astype(np.float32)
+    else:
+        batch["image_features"] = rng.normal(size=(batch_size, clip_config.projection_dim)).astype(np.float32)
+    return batch
+
+
+def make_case(clip: CLIP, batch: dict, k: int, text: str, *, n_ctx: int = 16, loss: str = "dspt",
+              remat_text: bool = False, shard_classes: bool = True, ctx=None, seed: int = 0):
+    """The trainer's step, jitted with its shardings, and its arguments: (step, args, spec)."""
+    if text not in TEXT_PATHS:
+        raise ValueError(f"--text: {text!r} is not one of {TEXT_PATHS}")
+    mesh = sharding.make_mesh()
+    n_dev = mesh.devices.size
+    sharding.check_batch_size(len(batch["label"]), mesh)
+    repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    config = default_config()
+    spec = prompt_lib.build_prompt_spec(class_names(k), n_ctx)
+    module = CLIPModule(clip.config, dtype=clip.dtype, remat_text=remat_text)
+    tx, _ = train.make_optimizer(config, steps_per_epoch=50)
+    if ctx is None:
+        ctx = prompt_lib.init_context(jax.random.key(seed), spec, clip.config.text.hidden_size)["ctx"]
+    prompt = {"ctx": jnp.asarray(ctx, jnp.float32)}
+    state = train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        prompt=prompt,
+        opt_state=tx.init({"prompt": prompt, "clip": clip.params}),
+        first_bad_step=jnp.full((), -1, jnp.int32),
+    )
+    step = jax.jit(
+        train.make_train_step(
+            module,
+            spec,
+            losses.get_loss_fn(loss),
+            tx,
+            shared_prefix=text == "shared_prefix",
+            class_sharding=data if shard_classes and n_dev > 1 else None,
+        ),
+        in_shardings=(repl, repl, repl, data),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),
+    )
+    args = (
+        jax.device_put(state, repl),
+        jax.device_put(clip.params, repl),
+        jax.device_put(clip.token_embeddings(spec.token_ids), repl),
+        sharding.to_global(batch, mesh),
+    )
+    return step, args, spec
+
+
+def time_case(step, args, steps: int, repeats: int) -> dict:
+    """Compiles (timed), runs one warm-up step, then times `repeats` windows of `steps` steps."""
+    t0 = time.perf_counter()
+    compiled = step.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    state, rest = args[0], args[1:]
+    state, m = compiled(state, *rest)
+    first_loss = float(m["loss"])
+
+    def window():
+        nonlocal state
+        for _ in range(steps):
+            state, _ = compiled(state, *rest)
+        state.step.block_until_ready()
+
+    seconds = _median_seconds(window, repeats) / steps
+    return {
+        "compile_s": compile_s,
+        "step_s": seconds,
+        "steps_per_s": 1 / seconds,
+        "flops_per_device": float(_cost(compiled).get("flops", float("nan"))),
+        "first_loss": first_loss,
+        **_memory(compiled),
+    }
+
+
+def image_encode_rate(clip: CLIP, batch_size: int = 100) -> float:
+    """Images/s of the image tower alone (forward, evaluation batch): feature caches and evaluation."""
+    mesh = sharding.make_mesh()
+    n = -(-batch_size // mesh.devices.size) * mesh.devices.size
+    size = clip.config.vision.image_size
+    pixels = sharding.to_global({"x": np.zeros((n, size, size, 3), np.float32)}, mesh)["x"]
+    enc = jax.jit(lambda p, x: clip.module.apply({"params": p}, x, method="encode_image"))
+    params = jax.device_put(clip.params, sharding.replicated(mesh))
+    enc(params, pixels).block_until_ready()
+    return n / _median_seconds(lambda: enc(params, pixels).block_until_ready(), 3)
+
+
+def load_reference():
+    """benchmarks/torch_coop_step.py of this checkout (it needs torch and transformers)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "torch_coop_step.py")
+    if not os.path.exists(path):
+        raise SystemExit(f"--reference needs {path}: run the bench from a checkout of the repository.")
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"--reference needs torch and transformers ({e}): pip install -e '.[test]'") from e
+    spec = importlib.util.spec_from_file_location("torch_coop_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_case(ref_module, clip_config, k: int, batch: dict, image_features: str, dtype: str,
+                   steps: int, repeats: int, loss: str, n_ctx: int, seed: int = 0):
+    """The PyTorch CoOp step on the same shapes: (timings, its CLIP as our params, its initial context)."""
+    import torch
+
+    from dspt_jax import tokenizer as tok_lib
+
+    prompts = [" ".join(["X"] * n_ctx) + f" {name}." for name in class_names(k)]
+    ctx = 0.02 * np.random.default_rng(seed).normal(size=(n_ctx, clip_config.text.hidden_size))
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    ref = ref_module.CoOpStep(clip_config.to_hf_dict(), tok_lib.tokenize(prompts), ctx.astype(np.float32),
+                              loss=loss, dtype=torch_dtype, seed=seed)
+    params = _check_and_unflatten(torch_to_flax(ref.state_dict_numpy()), clip_config, "the reference")
+    kwargs = {"labels": batch["label"]}
+    if image_features == "computed":
+        kwargs["images"] = batch["image"]
+    else:
+        kwargs["image_features"] = batch["image_features"]
+    first_loss = ref.step(**kwargs)  # warm-up; its loss is checked against ours
+    seconds = _median_seconds(lambda: [ref.step(**kwargs) for _ in range(steps)], repeats) / steps
+    return {"step_s": seconds, "steps_per_s": 1 / seconds, "first_loss": first_loss}, params, ctx
+
+
+def _fmt(x, spec=".3g"):
+    return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
+
+
+def main(argv):
+    del argv
+    if FLAGS.backbone not in PRESETS:
+        raise app.UsageError(f"--backbone={FLAGS.backbone!r}: one of {sorted(PRESETS)}")
+    for name in FLAGS.dtype:
+        if name not in DTYPES:
+            raise app.UsageError(f"--dtype={name!r}: one of {sorted(DTYPES)}")
+    if FLAGS.estimate and FLAGS.estimate not in ESTIMATES:
+        raise app.UsageError(f"--estimate={FLAGS.estimate!r}: one of {sorted(ESTIMATES)}")
+    ref_module = load_reference() if FLAGS.reference else None
+    nums = [int(k) for k in FLAGS.num_classes]
+    modes = list(FLAGS.image_features)
+    if FLAGS.estimate:  # the estimate needs both modes at the dataset's class count
+        nums = [ESTIMATES[FLAGS.estimate][0]]
+        modes = list(IMAGE_FEATURE_MODES)
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}, "
+          f"backbone {FLAGS.backbone} (random weights), batch {FLAGS.batch_size}, n_ctx {FLAGS.n_ctx}, "
+          f"loss {FLAGS.loss}", flush=True)
+    peaks = {name: peak_flops(DTYPES[name], FLAGS.peak_size) for name in FLAGS.dtype}
+    for name, p in peaks.items():
+        print(f"matmul peak ({name}): {p / 1e9:.1f} GFLOP/s per device", flush=True)
+
+    cases, clips, references = [], {}, {}
+    header = ("| classes | image features | text | dtype | steps/s | images/s | compile s | GFLOP/step/dev "
+              "| GFLOP/s | % of peak | temp MB | reference steps/s | ours / reference |")
+    rows = []
+    for k, mode, text, dtype in itertools.product(nums, modes, FLAGS.text, FLAGS.dtype):
+        ref_result, ctx = None, None
+        clip = _random_clip(clips, dtype)
+        batch = make_batch(clip.config, k, FLAGS.batch_size, mode)
+        if ref_module is not None:
+            # Its random CLIP and context become ours, so both steps start from the same loss. Timed once
+            # per (classes, image features, dtype): our text options do not change it.
+            if (k, mode, dtype) not in references:
+                references[k, mode, dtype] = reference_case(ref_module, clip.config, k, batch, mode, dtype,
+                                                            FLAGS.steps, FLAGS.repeats, FLAGS.loss, FLAGS.n_ctx)
+            ref_result, params, ctx = references[k, mode, dtype]
+            clip = CLIP(clip.config, params, DTYPES[dtype], source="reference")
+        step, args, spec = make_case(clip, batch, k, text, n_ctx=FLAGS.n_ctx, loss=FLAGS.loss,
+                                     remat_text=FLAGS.remat_text, shard_classes=FLAGS.shard_classes, ctx=ctx)
+        r = time_case(step, args, FLAGS.steps, FLAGS.repeats)
+        achieved = r["flops_per_device"] * r["steps_per_s"]
+        case = {
+            "backbone": FLAGS.backbone, "num_classes": k, "batch_size": FLAGS.batch_size,
+            "image_features": mode, "text": text, "dtype": dtype, "devices": jax.device_count(),
+            "text_tokens": int(spec.shared_prefix_len + k * (spec.token_ids.shape[1] - spec.shared_prefix_len))
+            if text == "shared_prefix" else int(k * spec.token_ids.shape[1]),
+            **r,
+            "images_per_s": r["steps_per_s"] * FLAGS.batch_size,
+            "flops_per_s_per_device": achieved,
+            "fraction_of_peak": achieved / peaks[dtype],
+        }
+        if ref_result is not None:
+            case["reference"] = ref_result
+            case["speedup_vs_reference"] = r["steps_per_s"] / ref_result["steps_per_s"]
+            case["first_loss_difference"] = abs(r["first_loss"] - ref_result["first_loss"])
+        cases.append(case)
+        rows.append(
+            f"| {k} | {mode} | {text} | {dtype} | {_fmt(case['steps_per_s'])} | {_fmt(case['images_per_s'])} "
+            f"| {_fmt(r['compile_s'])} | {_fmt(r['flops_per_device'] / 1e9)} | {_fmt(achieved / 1e9)} "
+            f"| {_fmt(100 * case['fraction_of_peak'], '.1f')} | {_fmt(r.get('compiled_temp_mb'), '.0f')} "
+            f"| {_fmt(ref_result and ref_result['steps_per_s'])} "
+            f"| {_fmt(case.get('speedup_vs_reference'), '.2f')} |"
+        )
+        print(rows[-1] if len(rows) > 1 else header + "\n|" + "---|" * 13 + "\n" + rows[-1], flush=True)
+        if ref_result is not None:
+            print(f"  first-step loss: ours {r['first_loss']:.6f}, reference {ref_result['first_loss']:.6f}",
+                  flush=True)
+
+    summary = {"device": device.device_kind, "platform": jax.default_backend(), "devices": jax.device_count(),
+               "peak_flops_per_device": peaks, "cases": cases, "steps_per_s": cases[-1]["steps_per_s"]}
+    if FLAGS.estimate:
+        summary["estimate"] = estimate(FLAGS.estimate, cases, _random_clip(clips, FLAGS.dtype[-1]))
+    print(json.dumps(summary))
+
+
+def _random_clip(clips: dict, dtype: str) -> CLIP:
+    if dtype not in clips:
+        clips[dtype] = init_clip(PRESETS[FLAGS.backbone], rng=0, dtype=DTYPES[dtype])
+    return clips[dtype]
+
+
+def estimate(name: str, cases: list[dict], clip: CLIP) -> dict:
+    """Wall time of a whole 16-shot CoOp run (train + zero-shot, final and train-set evaluation) in each
+    image-feature mode, from the measured steps and the image tower's throughput."""
+    k, test, epochs = ESTIMATES[name]
+    train_size = k * SHOTS
+    steps = epochs * (train_size // FLAGS.batch_size)
+    rate = image_encode_rate(clip)
+    step_s = {c["image_features"]: c["step_s"] for c in cases}
+    evals = (2 * test + train_size) / rate  # zero-shot and final on the test split, the training set
+    modes = {
+        "computed": steps * step_s["computed"],
+        "cached": train_size / rate + steps * step_s["cached"],
+        **{f"views:{n}": n * train_size / rate + steps * step_s["cached"] for n in (10, 50)},
+    }
+    out = {"dataset": name, "classes": k, "train_images": train_size, "test_images": test, "epochs": epochs,
+           "steps": steps, "image_encode_per_s": rate,
+           "wall_time_s": {m: t + evals for m, t in modes.items()}}
+    print(f"\nWhole {epochs}-epoch {SHOTS}-shot CoOp run on {name} ({k} classes, {steps} steps of "
+          f"{FLAGS.batch_size}; image tower {rate:.1f} images/s; evaluation {evals:.0f} s):")
+    for mode, seconds in out["wall_time_s"].items():
+        print(f"  {mode:10s} {seconds / 60:8.1f} min")
+    return out
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,48 @@
+"""The benchmark runs a tiny case end to end: the table, the whole-run estimate, the PyTorch reference on the
+same weights (its first loss must equal ours: both steps compute the same thing), and a parsable JSON line."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_tiny_bench_with_reference_and_estimate():
+    cmd = [
+        sys.executable, "-m", "dspt_jax.bench", "--backbone=tiny", "--estimate=eurosat", "--reference",
+        "--batch_size=8", "--steps=1", "--repeats=1", "--text=shared_prefix,full", "--peak_size=256",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["steps_per_s"] == summary["cases"][-1]["steps_per_s"] > 0
+    cases = summary["cases"]
+    assert {(c["image_features"], c["text"]) for c in cases} == {
+        (m, t) for m in ("cached", "computed") for t in ("shared_prefix", "full")
+    }
+    for c in cases:
+        assert c["num_classes"] == 10  # EuroSAT's
+        assert c["flops_per_device"] > 0 and 0 < c["fraction_of_peak"]
+        assert c["reference"]["steps_per_s"] > 0 and c["speedup_vs_reference"] > 0
+        assert c["first_loss_difference"] < 1e-5, c  # same weights, context and batch as the reference
+    by = {(c["image_features"], c["text"]): c for c in cases}
+    # The shared prefix encodes fewer text tokens for the same step.
+    assert by["cached", "shared_prefix"]["text_tokens"] < by["cached", "full"]["text_tokens"]
+    assert by["cached", "shared_prefix"]["flops_per_device"] < by["cached", "full"]["flops_per_device"]
+    assert by["computed", "full"]["flops_per_device"] > by["cached", "full"]["flops_per_device"]
+    estimate = summary["estimate"]
+    assert estimate["steps"] == 200 * (10 * 16 // 8)
+    assert set(estimate["wall_time_s"]) == {"computed", "cached", "views:10", "views:50"}
+    assert "| classes | image features |" in proc.stdout and "Whole 200-epoch" in proc.stdout
+
+
+def test_bad_bench_flags_fail_clearly():
+    proc = subprocess.run(
+        [sys.executable, "-m", "dspt_jax.bench", "--backbone=vit_h14"], cwd=REPO, capture_output=True, text=True,
+        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert proc.returncode != 0 and "vit_h14" in proc.stderr + proc.stdout
