@@ -30,7 +30,6 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import time
 
 import jax
@@ -75,6 +74,8 @@ flags.DEFINE_integer("repeats", 3, "timed windows per case (the median is report
 flags.DEFINE_bool("remat_text", False, "recompute text activations in the backward pass")
 flags.DEFINE_bool("shard_classes", True, "shard the class prompts over the devices (with several)")
 flags.DEFINE_bool("reference", False, "also time the PyTorch CoOp step (benchmarks/torch_coop_step.py)")
+flags.DEFINE_bool("compile_only", False, "FLOPs and memory of the compiled step only: nothing runs "
+                  "(shapes that would not fit, per-device costs of a mesh)")
 flags.DEFINE_string("estimate", "", f"whole-run wall time of a 16-shot CoOp run on one of {sorted(ESTIMATES)}")
 flags.DEFINE_integer("peak_size", 0, "matmul size for the peak (0: 2048 on CPU, 8192 on accelerators)")
 
@@ -186,11 +187,17 @@ def make_case(clip: CLIP, batch: dict, k: int, text: str, *, n_ctx: int = 16, lo
     return step, args, spec
 
 
-def time_case(step, args, steps: int, repeats: int) -> dict:
-    """Compiles (timed), runs one warm-up step, then times `repeats` windows of `steps` steps."""
+def time_case(step, args, steps: int, repeats: int, compile_only: bool = False) -> dict:
+    """Compiles (timed), runs one warm-up step, then times `repeats` windows of `steps` steps. With
+    `compile_only`, only the compiled program's FLOPs and memory: no step runs."""
     t0 = time.perf_counter()
     compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - t0
+    flops = float(_cost(compiled).get("flops", float("nan")))
+    if compile_only:
+        nan = float("nan")
+        return {"compile_s": compile_s, "step_s": nan, "steps_per_s": nan, "flops_per_device": flops,
+                "first_loss": nan, **_memory(compiled)}
     state, rest = args[0], args[1:]
     state, m = compiled(state, *rest)
     first_loss = float(m["loss"])
@@ -206,7 +213,7 @@ def time_case(step, args, steps: int, repeats: int) -> dict:
         "compile_s": compile_s,
         "step_s": seconds,
         "steps_per_s": 1 / seconds,
-        "flops_per_device": float(_cost(compiled).get("flops", float("nan"))),
+        "flops_per_device": flops,
         "first_loss": first_loss,
         **_memory(compiled),
     }
@@ -275,6 +282,8 @@ def main(argv):
     for name in FLAGS.dtype:
         if name not in DTYPES:
             raise app.UsageError(f"--dtype={name!r}: one of {sorted(DTYPES)}")
+    if FLAGS.compile_only and (FLAGS.reference or FLAGS.estimate):
+        raise app.UsageError("--compile_only times nothing: it goes with neither --reference nor --estimate")
     if FLAGS.estimate and FLAGS.estimate not in ESTIMATES:
         raise app.UsageError(f"--estimate={FLAGS.estimate!r}: one of {sorted(ESTIMATES)}")
     ref_module = load_reference() if FLAGS.reference else None
@@ -309,7 +318,7 @@ def main(argv):
             clip = CLIP(clip.config, params, DTYPES[dtype], source="reference")
         step, args, spec = make_case(clip, batch, k, text, n_ctx=FLAGS.n_ctx, loss=FLAGS.loss,
                                      remat_text=FLAGS.remat_text, shard_classes=FLAGS.shard_classes, ctx=ctx)
-        r = time_case(step, args, FLAGS.steps, FLAGS.repeats)
+        r = time_case(step, args, FLAGS.steps, FLAGS.repeats, FLAGS.compile_only)
         achieved = r["flops_per_device"] * r["steps_per_s"]
         case = {
             "backbone": FLAGS.backbone, "num_classes": k, "batch_size": FLAGS.batch_size,
@@ -358,18 +367,22 @@ def estimate(name: str, cases: list[dict], clip: CLIP) -> dict:
     train_size = k * SHOTS
     steps = epochs * (train_size // FLAGS.batch_size)
     rate = image_encode_rate(clip)
-    step_s = {c["image_features"]: c["step_s"] for c in cases}
-    evals = (2 * test + train_size) / rate  # zero-shot and final on the test split, the training set
+    # The step times of the first --text and --dtype given.
+    step_s = {c["image_features"]: c["step_s"] for c in cases
+              if (c["text"], c["dtype"]) == (FLAGS.text[0], FLAGS.dtype[0])}
+    # Evaluation encodes the test split once (zero-shot and final share it) and the training set once (the
+    # `cached` features are those very ones).
     modes = {
-        "computed": steps * step_s["computed"],
-        "cached": train_size / rate + steps * step_s["cached"],
-        **{f"views:{n}": n * train_size / rate + steps * step_s["cached"] for n in (10, 50)},
+        "computed": steps * step_s["computed"] + (test + train_size) / rate,
+        "cached": steps * step_s["cached"] + (test + train_size) / rate,
+        **{f"views:{n}": steps * step_s["cached"] + (test + (n + 1) * train_size) / rate for n in (10, 50)},
     }
     out = {"dataset": name, "classes": k, "train_images": train_size, "test_images": test, "epochs": epochs,
            "steps": steps, "image_encode_per_s": rate,
-           "wall_time_s": {m: t + evals for m, t in modes.items()}}
+           "wall_time_s": modes}
     print(f"\nWhole {epochs}-epoch {SHOTS}-shot CoOp run on {name} ({k} classes, {steps} steps of "
-          f"{FLAGS.batch_size}; image tower {rate:.1f} images/s; evaluation {evals:.0f} s):")
+          f"{FLAGS.batch_size}, {test} test images; image tower {rate:.1f} images/s), {FLAGS.text[0]}, "
+          f"{FLAGS.dtype[0]}:")
     for mode, seconds in out["wall_time_s"].items():
         print(f"  {mode:10s} {seconds / 60:8.1f} min")
     return out

@@ -4,16 +4,16 @@ CLIP's image tower is frozen, so an image's feature only depends on the pixels i
 training images reach the loss with `config.image_features`:
 
   computed  the image tower runs on every training batch: a fresh random resized crop + flip of every image in
-            every epoch. CoOp's protocol, the default; no cache.
+            every epoch (the test transform with `data.augment=False`). CoOp's protocol, the default; no cache.
   cached    every training image encoded once, with the test transform (resize + center crop), no
             augmentation. The image tower runs once per image instead of once per image per epoch.
   views:N   N augmented views (CoOp's training transform) of every training image encoded once; each epoch
             draws one of them per image (`pipeline.view_draws`). The image tower runs N times per image.
 
 `cached` and `views:N` change the protocol (the augmentation is not CoOp's), and results.json says which mode a
-run used. The features live in `<workdir>/features/train_<mode>.npz` beside the key that made them (model,
-compute dtype, dataset, the training examples, image size, crop scale, views, seed); a resumed run reuses a
-file whose key matches and recomputes any other.
+run used. The features live in `<workdir>/features/train_<mode>.npz` beside the key that made them (model and a
+fingerprint of its weights, compute dtype, dataset, the training examples, image size, crop scale, views,
+seed); a resumed run reuses a file whose key matches and recomputes any other.
 
 Evaluation uses the same machinery: a split's features under the test transform are encoded once per run and
 every evaluation (zero-shot, per-epoch, final) is a matrix product against the class features.
@@ -27,7 +27,7 @@ import json
 import os
 import re
 import zipfile
-from typing import Callable, Iterable
+from typing import Iterable
 
 import jax
 import numpy as np
@@ -90,11 +90,23 @@ def encode_split(encode, params, batches: Iterable[dict], mesh) -> dict[str, np.
     return {k: v[keep] for k, v in cat.items()}
 
 
-def cache_key(*, model: str, compute_dtype: str, dataset: str, ids: np.ndarray, image_size: int,
-              crop_scale, mode: FeatureMode, seed: int) -> dict:
+def weights_fingerprint(clip_params) -> str:
+    """A hash of the image tower's projection and patch embedding: a checkpoint replaced under the same path
+    gets other features."""
+    h = hashlib.sha1()
+    vision = clip_params["vision_model"]["embeddings"]["patch_embedding"]["kernel"]
+    for leaf in (clip_params["visual_projection"]["kernel"], vision):
+        h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+    return h.hexdigest()
+
+
+def cache_key(*, model: str, weights: str, compute_dtype: str, dataset: str, ids: np.ndarray,
+              image_size: int, crop_scale, mode: FeatureMode, seed: int) -> dict:
     """What the training features depend on. The seed only matters through the augmented views."""
     return {
+        "version": 1,  # of the image transforms; bump when they change
         "model": model,
+        "weights_sha1": weights,
         "compute_dtype": compute_dtype,
         "dataset": dataset,
         "num_examples": int(len(ids)),
@@ -110,37 +122,54 @@ def cache_path(workdir: str, mode: FeatureMode) -> str:
     return os.path.join(workdir, "features", f"train_{str(mode).replace(':', '')}.npz")
 
 
-def load_or_compute(path: str, key: dict, compute: Callable[[], np.ndarray], write: bool) -> tuple[np.ndarray, bool]:
-    """The features saved at `path` if their key is `key`, else `compute()` (saved there when `write`).
-    Returns (features, reused). An unreadable or truncated file is recomputed, never trusted."""
-    if os.path.exists(path):
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if json.loads(str(f["key"])) == key:
-                    return np.asarray(f["features"]), True
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            pass
-    features = compute()
-    if write:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp.npz"
-        with open(tmp, "wb") as f:
-            np.savez(f, features=features, key=json.dumps(key, sort_keys=True))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    return features, False
+def load(path: str, key: dict) -> np.ndarray | None:
+    """The features saved at `path` if they were made with `key`; None for a missing, other-key, unreadable or
+    truncated file (never trusted, always recomputed)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if json.loads(str(f["key"])) == key:
+                return np.asarray(f["features"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass
+    return None
 
 
-def predict(features: np.ndarray, class_features: np.ndarray, scale: float, chunk: int = 8192) -> np.ndarray:
-    """argmax over classes of scale * cos(features, class_features), on the host in float32 (the same on
-    every host: nothing here is a collective), in chunks of rows."""
+def save(path: str, key: dict, features: np.ndarray) -> None:
+    """Writes `features` with `key` atomically (a temporary file, fsync, rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    with open(tmp, "wb") as f:
+        np.savez(f, features=features, key=json.dumps(key, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def in_order(rows: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """`rows["features"]` reordered to follow `ids` (unique example ids). `encode_split` returns the rows of
+    every global batch together, so with several hosts (each reading its own contiguous share of the split)
+    they come back interleaved."""
+    ids = np.asarray(ids, np.int64)
+    got = rows["id"].astype(np.int64)
+    order = np.argsort(got, kind="stable")
+    where = np.searchsorted(got, ids, sorter=order).clip(0, len(got) - 1)
+    perm = order[where]
+    if len(got) != len(ids) or not np.array_equal(got[perm], ids):
+        raise RuntimeError(f"encoded {len(got)} examples, not the {len(ids)} asked for")
+    return rows["features"][perm]
+
+
+def predict(features: np.ndarray, class_features: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """argmax over classes of cos(features, class_features) (the logit scale cannot change it), on the host in
+    float32 (the same on every host: nothing here is a collective), in chunks of rows."""
 
     def unit(x):
         x = np.asarray(x, np.float32)
         return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
     classes = unit(class_features).T
-    out = [np.argmax(np.float32(scale) * unit(features[i : i + chunk]) @ classes, axis=-1)
+    out = [np.argmax(unit(features[i : i + chunk]) @ classes, axis=-1)
            for i in range(0, len(features), chunk)]
     return np.concatenate(out).astype(np.int32) if out else np.zeros((0,), np.int32)

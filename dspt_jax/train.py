@@ -78,7 +78,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         transition=config.noise.transition,
     )
     noise.check_seed(config.seed)
-    features.parse_mode(config.image_features)
+    if features.parse_mode(config.image_features).augmented and not config.data.augment:
+        raise ValueError(
+            f"config.image_features={config.image_features!r} encodes augmented views, and config.data.augment "
+            "is False: use image_features='cached' for features of the unaugmented images"
+        )
     p = config.prompt
     if p.n_ctx < 1:
         raise ValueError(f"config.prompt.n_ctx must be >= 1, got {p.n_ctx}")
@@ -355,14 +359,16 @@ class _SigintFlag:
         return False
 
 
-def training_features(config, task, mode: features.FeatureMode, workdir: str, encoded) -> np.ndarray:
+def training_features(config, task, mode: features.FeatureMode, workdir: str, encoded, clip_params) -> np.ndarray:
     """The training set's image features [views, M, D] in `task.train` order, from the workdir's cache when
-    its key matches, else encoded (`encoded(split, view)`, see train_and_evaluate) and saved."""
+    its key matches, else encoded (`encoded(split, view)`, see train_and_evaluate) and saved by process 0.
+    All hosts take the same branch (they encode together), so they agree on the cache before using it."""
     from dspt_jax.data import pipeline
 
     ex = task.train
     key = features.cache_key(
         model=config.model.source,
+        weights=features.weights_fingerprint(clip_params),
         compute_dtype=config.model.compute_dtype,
         dataset=task.dataset_id,
         ids=ex.ids,
@@ -371,23 +377,24 @@ def training_features(config, task, mode: features.FeatureMode, workdir: str, en
         mode=mode,
         seed=config.seed,
     )
-
-    def compute():
-        t0 = time.time()
-        views = [None] if not mode.augmented else [pipeline.View(config.seed, v, mode.views) for v in range(mode.views)]
-        out = []
-        for view in views:
-            rows = encoded("train", view)
-            if not np.array_equal(rows["id"], ex.ids.astype(np.int32)):
-                raise RuntimeError("training features came back in another order than the training set")
-            out.append(rows["features"])
-        log.info("Encoded %d view(s) of %d training images (%s) in %.1fs", len(views), len(ex), mode, time.time() - t0)
-        return np.stack(out)
-
     path = features.cache_path(workdir, mode)
-    bank, reused = features.load_or_compute(path, key, compute, write=jax.process_index() == 0)
-    if reused:
+    bank = features.load(path, key)
+    usable = bank is not None
+    if jax.process_count() > 1:
+        usable = bool(np.all(multihost_utils.process_allgather(np.int32(usable))))
+    if usable:
         log.info("Training image features (%s) reused from %s", mode, path)
+        return bank
+    t0 = time.time()
+    if mode.augmented:
+        task.train_payloads()  # read the images once for all views (a tfds split is not re-read per view)
+        views = [pipeline.View(config.seed, v, mode.views) for v in range(mode.views)]
+    else:
+        views = [None]
+    bank = np.stack([features.in_order(encoded("train", view), ex.ids) for view in views])
+    log.info("Encoded %d view(s) of %d training images (%s) in %.1fs", len(views), len(ex), mode, time.time() - t0)
+    if jax.process_index() == 0:
+        features.save(path, key, bank)
     return bank
 
 
@@ -506,7 +513,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
 
     def evaluate(class_features, split: str) -> dict:
         rows = encoded(split)
-        pred = features.predict(rows["features"], sharding.gather(class_features), clip.logit_scale)
+        pred = features.predict(rows["features"], sharding.gather(class_features))
         return {**rows, "pred": pred}
 
     zero_shot_path = os.path.join(workdir, "zero_shot.json")
@@ -545,7 +552,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
     )
     step = int(state.step)
     if feature_mode.cached:
-        bank = training_features(config, task, feature_mode, workdir, encoded)
+        bank = training_features(config, task, feature_mode, workdir, encoded, clip_params)
         train_iter = pipeline.train_feature_batches(
             task,
             bank,
@@ -606,9 +613,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
 
             while step < total_steps and not interrupted:
                 t_wait = time.time()
-                batch = sharding.to_global(next(train_iter), mesh)
-                input_wait += time.time() - t_wait
-                total_wait += time.time() - t_wait
+                batch = sharding.to_global(next(train_iter), mesh)  # the next batch, on the devices
+                t_wait = time.time() - t_wait
+                input_wait += t_wait
+                total_wait += t_wait
                 state, step_metrics = train_step(state, clip_params, frozen_embeds, batch)
                 step += 1
                 window.append(step_metrics)
@@ -732,7 +740,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         "train": train_diag,
         "wall_time_s": time.time() - start_time,
         "train_loop_s": train_loop_s,
-        # Share of the training loop the host spent waiting for the next batch (input-bound when large).
+        # Share of the training loop (its evaluations and checkpoints included) that the host spent getting the
+        # next batch onto the devices: near 1, training is input-bound; near 0, the step is the bottleneck.
         "input_wait_fraction": total_wait / max(train_loop_s, 1e-9),
     }
     _write_json(os.path.join(workdir, "results.json"), results)

@@ -30,6 +30,7 @@ def results_dict(
     num_flips=None,
     model="random:tiny",
     eval_train=True,
+    image_features=None,
 ):
     """A results.json as train.py writes it (same keys, same nesting)."""
     num_flipped = int(rate * shots * 4) if num_flipped is None else num_flipped
@@ -70,6 +71,7 @@ def results_dict(
         "epoch_evals": [],
         "train": train,
         "wall_time_s": 12.5,
+        **({} if image_features is None else {"image_features": image_features}),
     }
 
 
@@ -277,6 +279,18 @@ def test_different_shots_or_models_are_separate_groups(tmp_path):
         (16, "openai/clip-vit-base-patch16", pytest.approx(90.0)),
         (16, "random:tiny", pytest.approx(50.0)),
     ]
+
+
+def test_runs_on_cached_image_features_are_a_group_of_their_own(tmp_path):
+    write(tmp_path, "a", acc=0.5)  # written before the option existed: CoOp's protocol
+    write(tmp_path, "b", acc=0.7, image_features="computed", seed=2)
+    write(tmp_path, "c", acc=0.9, image_features="views:10")
+    groups = agg.aggregate(agg.collect(str(tmp_path)))
+    assert sorted((g.model, g.accuracy[("ce", 0.5)].mean) for g in groups) == [
+        ("random:tiny", pytest.approx(60.0)),
+        ("random:tiny, image features views:10", pytest.approx(90.0)),
+    ]
+    assert any("image features views:10" in g.title for g in groups)
 
 
 def test_bad_files_name_the_path(tmp_path):

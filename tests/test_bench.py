@@ -19,8 +19,8 @@ def test_tiny_bench_with_reference_and_estimate():
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
-    assert summary["steps_per_s"] == summary["cases"][-1]["steps_per_s"] > 0
     cases = summary["cases"]
+    assert summary["steps_per_s"] > 0 and summary["device"] and summary["peak_flops_per_device"]["float32"] > 0
     assert {(c["image_features"], c["text"]) for c in cases} == {
         (m, t) for m in ("cached", "computed") for t in ("shared_prefix", "full")
     }

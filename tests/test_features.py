@@ -42,13 +42,13 @@ def test_modes_parse_and_bad_ones_fail():
             features.parse_mode(bad)
 
 
-def _train_features(config, task, encoded, mode, workdir):
-    return train.training_features(config, task, features.parse_mode(mode), str(workdir), encoded)
+def _train_features(config, task, encoded, mode, workdir, params):
+    return train.training_features(config, task, features.parse_mode(mode), str(workdir), encoded, params)
 
 
 def test_cached_features_and_logits_equal_encoding_the_same_batch(setting, tmp_path):
     config, task, clip, encoded = setting
-    bank = _train_features(config, task, encoded, "cached", tmp_path)
+    bank = _train_features(config, task, encoded, "cached", tmp_path, clip.params)
     assert bank.shape == (1, task.train_size, clip.config.projection_dim)
     from_cache = pipeline.train_feature_batches(task, bank, global_batch_size=8, seed=config.seed, start_step=5)
     from_images = pipeline.train_batches(task, global_batch_size=8, seed=config.seed, augment=False, start_step=5)
@@ -73,7 +73,7 @@ def test_cached_features_and_logits_equal_encoding_the_same_batch(setting, tmp_p
 def test_each_drawn_view_equals_a_fresh_encode_of_that_view(setting, tmp_path):
     config, task, clip, encoded = setting
     views = 3
-    bank = _train_features(config, task, encoded, f"views:{views}", tmp_path)
+    bank = _train_features(config, task, encoded, f"views:{views}", tmp_path, clip.params)
     assert bank.shape[:2] == (views, task.train_size)
     assert not np.allclose(bank[0], bank[1])  # distinct augmentations
     position = {int(i): k for k, i in enumerate(task.train.ids)}
@@ -111,26 +111,53 @@ def test_feature_batches_split_over_hosts_like_image_batches(setting):
             np.testing.assert_array_equal(w[field], np.concatenate([a[field], b[field]]))
 
 
-def test_cache_file_is_reused_only_for_the_same_key(tmp_path):
+def test_cache_is_reused_only_for_the_same_key(setting, tmp_path):
+    config, task, clip, encoded = setting
     calls = []
 
-    def compute():
-        calls.append(1)
-        return np.full((1, 4, 2), len(calls), np.float32)
+    def counting(split, view=None):
+        calls.append(view)
+        return encoded(split, view)
 
-    path = str(tmp_path / "f" / "train_cached.npz")
-    key = {"model": "m", "ids_sha1": "abc"}
-    a, reused = features.load_or_compute(path, key, compute, write=True)
-    assert not reused and len(calls) == 1
-    b, reused = features.load_or_compute(path, key, compute, write=True)
-    assert reused and len(calls) == 1 and np.array_equal(a, b)
-    c, reused = features.load_or_compute(path, {**key, "model": "other"}, compute, write=True)
-    assert not reused and c[0, 0, 0] == 2
+    def run(mode, params=clip.params, **overrides):
+        cfg = config.copy_and_resolve_references()
+        for k, v in overrides.items():
+            cfg[k] = v
+        return _train_features(cfg, task, counting, mode, tmp_path, params)
+
+    first = run("cached")
+    assert len(calls) == 1
+    np.testing.assert_array_equal(run("cached"), first)  # reused
+    np.testing.assert_array_equal(run("cached", seed=7), first)  # the seed changes no unaugmented feature
+    assert len(calls) == 1
+    other_weights = jax.tree.map(lambda x: x * 1.01, clip.params)
+    run("cached", params=other_weights)  # other weights (the fingerprint is in the key): recomputed
+    assert len(calls) == 2
+    run("views:2")
+    run("views:2")
+    assert len(calls) == 2 + 2
+    run("views:2", seed=7)  # other views
+    assert len(calls) == 2 + 4
+    path = features.cache_path(str(tmp_path), features.parse_mode("cached"))
     with open(path, "wb") as f:  # a truncated file is recomputed, not trusted
         f.write(b"PK\x03\x04 truncated")
-    _, reused = features.load_or_compute(path, key, compute, write=True)
-    assert not reused and len(calls) == 3
-    assert not [n for n in os.listdir(tmp_path / "f") if "tmp" in n]
+    assert features.load(path, {}) is None
+    run("cached")
+    assert len(calls) == 2 + 4 + 1
+    assert not [n for n in os.listdir(os.path.dirname(path)) if "tmp" in n]
+
+
+def test_features_come_back_in_training_order_from_interleaved_hosts():
+    """With 2 hosts, each global batch holds host 0's rows then host 1's, and each host reads its own half
+    of the split: the gathered rows are interleaved; `in_order` puts them back."""
+    ids = np.array([11, 3, 42, 7, 19, 5, 23, 8])
+    feats = np.arange(8, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    host0, host1 = np.arange(0, 4), np.arange(4, 8)
+    gathered = np.concatenate([host0[:2], host1[:2], host0[2:], host1[2:]])  # 2 rows per host per batch
+    rows = {"id": ids[gathered], "features": feats[gathered]}
+    np.testing.assert_array_equal(features.in_order(rows, ids), feats)
+    with pytest.raises(RuntimeError, match="encoded 7 examples"):
+        features.in_order({"id": ids[gathered][:7], "features": feats[gathered][:7]}, ids)
 
 
 def test_cached_run_resumes_on_its_cache_and_reaches_the_same_prompt(tmp_path, monkeypatch):
@@ -140,16 +167,16 @@ def test_cached_run_resumes_on_its_cache_and_reaches_the_same_prompt(tmp_path, m
     workdir = str(tmp_path / "resumed")
     train.train_and_evaluate(smoke_config(image_features="cached", max_steps=6), workdir)
     reuses = []
-    original = features.load_or_compute
+    original = features.load
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
-        reuses.append(out[1])
+        reuses.append(out)
         return out
 
-    monkeypatch.setattr(features, "load_or_compute", spy)
+    monkeypatch.setattr(features, "load", spy)
     resumed = train.train_and_evaluate(smoke_config(image_features="cached"), workdir)
-    assert reuses == [True]
+    assert len(reuses) == 1 and reuses[0] is not None  # the saved features were used
     np.testing.assert_allclose(
         np.load(os.path.join(workdir, "prompt.npz"))["ctx"],
         np.load(tmp_path / "straight" / "prompt.npz")["ctx"],
@@ -167,6 +194,10 @@ def test_cached_run_resumes_on_its_cache_and_reaches_the_same_prompt(tmp_path, m
 def test_views_run_end_to_end(tmp_path):
     results = train.train_and_evaluate(smoke_config(image_features="views:2"), str(tmp_path))
     assert results["image_features"] == "views:2" and results["steps"] == 12
-    assert os.path.exists(tmp_path / "features" / "train_views2.npz")
+    with np.load(tmp_path / "features" / "train_views2.npz") as f:
+        assert f["features"].shape[:2] == (2, results["train"]["num_examples"])
+        assert json.loads(str(f["key"]))["seed"] == 1
     lines = read_jsonl(tmp_path / "metrics.jsonl")
-    assert all(np.isfinite(l["loss"]) for l in lines)
+    assert all(np.isfinite(l["loss"]) for l in lines) and 0 <= lines[-1]["input_wait_fraction"] <= 1
+    with pytest.raises(ValueError, match="use image_features='cached'"):
+        train.train_and_evaluate(smoke_config(image_features="views:2", **{"data.augment": False}), str(tmp_path / "x"))

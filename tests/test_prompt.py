@@ -99,13 +99,14 @@ def test_bad_settings_fail_clearly(clip):
         prompt_lib.build_prompt_spec(["word " * 60], n_ctx=16)
 
 
-def _features_and_grad(clip, spec, ctx, **kwargs):
+def _features_and_grad(clip, spec, ctx, module=None, **kwargs):
     """Class features and d(sum of a fixed random projection of them)/d ctx."""
     frozen = clip.token_embeddings(spec.token_ids)
     probe = np.random.default_rng(3).normal(size=(spec.num_classes, 16)).astype(np.float32)
+    module = module or clip.module
 
     def f(c):
-        out = prompt_lib.class_features(clip.module, clip.params, frozen, c, spec, **kwargs)
+        out = prompt_lib.class_features(module, clip.params, frozen, c, spec, **kwargs)
         return jnp.sum(out * probe), out
 
     (_, feats), grad = jax.jit(jax.value_and_grad(f, has_aux=True))(ctx)
@@ -144,3 +145,15 @@ def test_class_specific_context_takes_the_full_path(clip):
     b, gb = _features_and_grad(clip, spec, ctx, shared_prefix=False)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(ga, gb)
+
+
+def test_text_remat_gives_the_same_features_and_gradient(clip):
+    """Recomputing the text layers in the backward pass changes memory, not results (same parameter tree)."""
+    from dspt_jax.models.clip import CLIPModule
+
+    spec = prompt_lib.build_prompt_spec(CLASSNAMES, n_ctx=4)
+    ctx = prompt_lib.init_context(jax.random.key(4), spec, 32)["ctx"] * 20
+    plain = _features_and_grad(clip, spec, ctx)
+    remat = _features_and_grad(clip, spec, ctx, module=CLIPModule(clip.config, remat_text=True))
+    np.testing.assert_allclose(remat[0], plain[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(remat[1], plain[1], rtol=1e-5, atol=1e-7)

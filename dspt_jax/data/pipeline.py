@@ -470,6 +470,10 @@ def train_feature_batches(
     of ``image``; the other fields as ``train_batches``.
     """
     local = _check_hosts(global_batch_size, process_index, process_count)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if not isinstance(start_step, (int, np.integer)) or start_step < 0:
+        raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
     m = task.train_size
     if features.ndim != 3 or features.shape[1] != m:
         raise ValueError(f"features must be [views, {m}, dim], got {features.shape}")
@@ -480,22 +484,26 @@ def train_feature_batches(
     per_epoch = m // global_batch_size
     ex = task.train
     first_row = process_index * local
-    step, epoch = int(start_step), -1
-    while True:
-        e, j = divmod(step, per_epoch)
-        if e != epoch:
-            epoch, perm = e, epoch_permutation(seed, e, m)
-            views = view_draws(seed, e, m, features.shape[0])
-        ks = perm[j * global_batch_size :][first_row : first_row + local]
-        yield {
-            "image_features": features[views[ks], ks],
-            "label": ex.labels[ks].astype(np.int32),
-            "clean_label": ex.clean[ks].astype(np.int32),
-            "id": ex.ids[ks].astype(np.int64),
-            "mask": np.ones(local, bool),
-            "flipped": task.flipped[ks].astype(bool),
-        }
-        step += 1
+
+    def batches():
+        step, epoch = int(start_step), -1
+        while True:
+            e, j = divmod(step, per_epoch)
+            if e != epoch:
+                epoch, perm = e, epoch_permutation(seed, e, m)
+                views = view_draws(seed, e, m, features.shape[0])
+            ks = perm[j * global_batch_size :][first_row : first_row + local]
+            yield {
+                "image_features": features[views[ks], ks],
+                "label": ex.labels[ks].astype(np.int32),
+                "clean_label": ex.clean[ks].astype(np.int32),
+                "id": ex.ids[ks].astype(np.int64),
+                "mask": np.ones(local, bool),
+                "flipped": task.flipped[ks].astype(bool),
+            }
+            step += 1
+
+    return batches()  # a generator of its own, so that the checks above run at the call
 
 
 def view_draws(seed: int, epoch: int, size: int, num_views: int) -> np.ndarray:

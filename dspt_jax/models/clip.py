@@ -4,7 +4,7 @@ Parameter names follow transformers' Flax CLIP exactly (`text_model/encoder/laye
 `vision_model/pre_layrnorm/scale`, `visual_projection/kernel`, `logit_scale`, ...), so a `flax_model.msgpack`
 written by `FlaxCLIPModel.save_pretrained` loads without renaming.
 
-The text tower has two entry points:
+The text tower has three entry points:
   * `encode_text(input_ids)`: the usual path; the pooled feature is taken at the end-of-text token, which
     is the largest id of each row (OpenAI's convention, also HF's for the CLIP tokenizer).
   * `encode_text_embeddings(token_embeds, eot_index)`: the path CoOp prompts go through, with learned context
