@@ -347,6 +347,8 @@ def main(argv):
             print(f"  first-step loss: ours {r['first_loss']:.6f}, reference {ref_result['first_loss']:.6f}",
                   flush=True)
 
+    # JSON has no NaN: what was not measured (--compile_only) is null.
+    cases = [{k: None if isinstance(v, float) and np.isnan(v) else v for k, v in c.items()} for c in cases]
     summary = {"device": device.device_kind, "platform": jax.default_backend(), "devices": jax.device_count(),
                "peak_flops_per_device": peaks, "cases": cases, "steps_per_s": cases[-1]["steps_per_s"]}
     if FLAGS.estimate:

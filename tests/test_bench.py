@@ -46,3 +46,19 @@ def test_bad_bench_flags_fail_clearly():
         timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"),
     )
     assert proc.returncode != 0 and "vit_h14" in proc.stderr + proc.stdout
+
+
+def test_compile_only_reports_per_device_flops_as_strict_json():
+    proc = subprocess.run(
+        [sys.executable, "-m", "dspt_jax.bench", "--backbone=tiny", "--num_classes=10", "--batch_size=8",
+         "--image_features=cached", "--compile_only", "--peak_size=256"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def no_nan(name):
+        raise AssertionError(f"{name} in the JSON line")
+
+    summary = json.loads(proc.stdout.strip().splitlines()[-1], parse_constant=no_nan)
+    (case,) = summary["cases"]
+    assert case["flops_per_device"] > 0 and case["steps_per_s"] is None and summary["steps_per_s"] is None
