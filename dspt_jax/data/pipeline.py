@@ -359,6 +359,21 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.with_options(opts)
 
 
+def _check_training_order(task: Task, global_batch_size, seed, start_step, process_index, process_count):
+    """Checks the arguments that fix the order of training examples; returns (rows per host, steps per
+    epoch)."""
+    local = _check_hosts(global_batch_size, process_index, process_count)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if not isinstance(start_step, (int, np.integer)) or start_step < 0:
+        raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
+    if task.train_size < global_batch_size:
+        raise ValueError(
+            f"the training set has {task.train_size} examples, fewer than global_batch_size={global_batch_size}"
+        )
+    return local, task.train_size // global_batch_size
+
+
 def train_batches(
     task: Task,
     *,
@@ -376,17 +391,9 @@ def train_batches(
     (E = ``steps_per_epoch``, the remainder of each epoch is dropped); host p yields its rows
     ``p * B/P ... (p + 1) * B/P``. ``augment`` None takes the config's setting.
     """
-    local = _check_hosts(global_batch_size, process_index, process_count)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    if not isinstance(start_step, (int, np.integer)) or start_step < 0:
-        raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
+    local, per_epoch = _check_training_order(task, global_batch_size, seed, start_step, process_index,
+                                             process_count)
     m = task.train_size
-    if m < global_batch_size:
-        raise ValueError(
-            f"the training set has {m} examples, fewer than global_batch_size={global_batch_size}"
-        )
-    per_epoch = m // global_batch_size
     augment = task.augment if augment is None else bool(augment)
     size = image_size or task.image_size
     scale = task.crop_scale
@@ -480,19 +487,11 @@ def train_feature_batches(
     epoch, so every epoch sees one view of each image, drawn afresh. Yields ``image_features`` in place
     of ``image``; the other fields as ``train_batches``.
     """
-    local = _check_hosts(global_batch_size, process_index, process_count)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    if not isinstance(start_step, (int, np.integer)) or start_step < 0:
-        raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
+    local, per_epoch = _check_training_order(task, global_batch_size, seed, start_step, process_index,
+                                             process_count)
     m = task.train_size
     if features.ndim != 3 or features.shape[1] != m:
         raise ValueError(f"features must be [views, {m}, dim], got {features.shape}")
-    if m < global_batch_size:
-        raise ValueError(
-            f"the training set has {m} examples, fewer than global_batch_size={global_batch_size}"
-        )
-    per_epoch = m // global_batch_size
     ex = task.train
     first_row = process_index * local
 
