@@ -38,7 +38,7 @@ class PromptSpec:
     n_ctx: int
     class_token_position: str
     # With a shared context, positions [0, shared_prefix_len) hold the same token or the same context
-    # vector in every prompt (1 + n_ctx with the class token at the end): see `encode`.
+    # vector in every prompt (1 + n_ctx with the class token at the end): see `class_features`.
     shared_prefix_len: int = 1
 
     @property
@@ -46,7 +46,7 @@ class PromptSpec:
         return self.token_ids.shape[0]
 
 
-def _shared_prefix_len(token_ids: np.ndarray, ctx_positions: np.ndarray) -> int:
+def _shared_prefix_len(token_ids: np.ndarray, ctx_positions: np.ndarray, eot_index: np.ndarray) -> int:
     """Leading positions equal in every row when the context is shared: the same token id, or the same
     context slot. Capped so that every end-of-text token stays after the prefix."""
     k, length = token_ids.shape
@@ -55,8 +55,7 @@ def _shared_prefix_len(token_ids: np.ndarray, ctx_positions: np.ndarray) -> int:
     key = np.where(slot >= 0, -1 - slot, token_ids)  # context slot i -> -1 - i, never a token id
     same = (key == key[:1]).all(axis=0)
     n = length if same.all() else int(np.argmin(same))
-    eot = (token_ids == token_ids.max(axis=1, keepdims=True)).argmax(axis=1)
-    return max(1, min(n, int(eot.min())))
+    return max(1, min(n, int(eot_index.min())))
 
 
 def build_prompt_spec(
@@ -110,13 +109,14 @@ def build_prompt_spec(
     for i, r in enumerate(rows):
         token_ids[i, : len(r)] = r
     ctx_positions = np.asarray(positions, np.int32)
+    eot_index = np.asarray([len(r) - 1 for r in rows], np.int32)
     return PromptSpec(
         token_ids=token_ids,
         ctx_positions=ctx_positions,
-        eot_index=np.asarray([len(r) - 1 for r in rows], np.int32),
+        eot_index=eot_index,
         n_ctx=n_ctx,
         class_token_position=class_token_position,
-        shared_prefix_len=_shared_prefix_len(token_ids, ctx_positions),
+        shared_prefix_len=_shared_prefix_len(token_ids, ctx_positions, eot_index),
     )
 
 
