@@ -405,8 +405,8 @@ def train_batches(
     spec = ex.pool.payload_spec
 
     def steps(from_step=int(start_step)):
-        # One item per global step: this host's rows of it, as arrays (tf.data unbatches them; yielding
-        # row by row made the Python generator the bottleneck of small-model training).
+        # One item per global step: this host's rows of it, as arrays (`prepare` transforms them in one
+        # graph; yielding row by row made the Python generator the bottleneck of small-model training).
         step, epoch, perm = from_step, -1, None
         while True:
             e, j = divmod(step, per_epoch)
