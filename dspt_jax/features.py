@@ -29,7 +29,6 @@ import re
 import zipfile
 from typing import Iterable
 
-import jax
 import numpy as np
 
 from dspt_jax import sharding

@@ -193,9 +193,9 @@ def class_features(
     eot = jnp.asarray(spec.eot_index)
     k = spec.num_classes
     n_prefix = spec.shared_prefix_len if shared_prefix and ctx.ndim == 2 else 1
-    rows = embeds[:, n_prefix:] if n_prefix > 1 else embeds
-    if n_prefix > 1:
-        eot = eot - n_prefix
+    prefix, rows = None, embeds
+    if n_prefix > 1:  # every row's first n_prefix embeddings are row 0's
+        prefix, rows, eot = embeds[0, :n_prefix], embeds[:, n_prefix:], eot - n_prefix
     if class_sharding is not None:
         shards = class_sharding.mesh.shape[class_sharding.spec[0]]
         pad = -k % shards  # copies of the first prompt, dropped after encoding
@@ -204,8 +204,8 @@ def class_features(
         rows = jax.lax.with_sharding_constraint(rows, class_sharding)
         eot = jax.lax.with_sharding_constraint(eot, class_sharding)
     variables = {"params": clip_params}
-    if n_prefix > 1:
-        out = module.apply(variables, embeds[0, :n_prefix], rows, eot, method="encode_text_shared_prefix")
+    if prefix is not None:
+        out = module.apply(variables, prefix, rows, eot, method="encode_text_shared_prefix")
     else:
         out = module.apply(variables, rows, eot, method="encode_text_embeddings")
     out = out[:k]
