@@ -26,7 +26,9 @@ def default_config() -> ml_collections.ConfigDict:
     del config.data["seed"]
 
     config.model = ml_collections.ConfigDict()
-    # A hub id, a local directory (config.json + weights), or "random:<preset>" (dspt_jax.models.presets).
+    # A local directory (config.json + weights), a hub id (read from the local Hugging Face cache),
+    # "random:<preset>" (random weights, shapes of `dspt_jax.models.clip.PRESETS`) or "synthetic" (the
+    # offline synthetic world's tiny CLIP). See `dspt_jax.models.loading.load_clip`.
     config.model.source = "openai/clip-vit-base-patch16"
     config.model.compute_dtype = "float32"  # or "bfloat16": towers only; the loss is always float32
     # How the text tower encodes the K class prompts; none of these changes a result beyond float rounding.
@@ -37,7 +39,11 @@ def default_config() -> ml_collections.ConfigDict:
     config.prompt = ml_collections.ConfigDict()
     config.prompt.n_ctx = 16
     config.prompt.csc = False  # class-specific context
-    config.prompt.ctx_init = ""  # e.g. "a photo of a" (then n_ctx >= its token count)
+    # Words that initialize the context, e.g. "a photo of a". As CoOp ("coop"): the context is exactly those
+    # words' tokens (n_ctx becomes their count) and is shared (csc is ignored). "pad": keep n_ctx vectors,
+    # the words start the last slots and the others start random; csc makes class-specific copies.
+    config.prompt.ctx_init = ""
+    config.prompt.ctx_init_mode = "coop"  # coop | pad
     config.prompt.class_token_position = "end"  # end | middle | front
 
     # CoOp's optimizer: SGD + momentum, L2 weight decay, cosine over epochs after 1 constant warmup epoch.
@@ -53,7 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
     # each image encoded once, one drawn per epoch). cached and views:N are protocol changes.
     config.image_features = "computed"
 
-    config.num_epochs = 200  # CoOp: 200 at 8/16 shots, 100 at 2/4, 50 at 1
+    # None follows CoOp's rule for the shots (`epochs_for_shots`: 50 at 1 shot, 100 at 2 and 4, 200 at 8,
+    # 16 and more); a number overrides it. results.json says which rule set it.
+    config.num_epochs = config_dict.placeholder(int)
     config.max_steps = config_dict.placeholder(int)  # cut the run short (tests, smoke runs)
     config.batch_size = 32
     config.eval_batch_size = 100
@@ -67,3 +75,21 @@ def default_config() -> ml_collections.ConfigDict:
     config.compare_losses = ()
     config.checkpoint_every_steps = 500
     return config
+
+
+def epochs_for_shots(shots: int) -> int:
+    """CoOp's epochs for a shot count (its `*_ep50` / `*_ep100` / `*_ep200` configs): 50 at 1 shot, 100 at 2
+    and 4, 200 at 8 and 16. Shot counts CoOp never used take the rule's next step up (3 -> 100, 5 or more
+    -> 200); the whole training split (shots -1) takes 200."""
+    if shots == 1:
+        return 50
+    if 2 <= shots <= 4:
+        return 100
+    return 200
+
+
+def resolve_epochs(config: ml_collections.ConfigDict) -> tuple[int, str]:
+    """(epochs, rule): config.num_epochs when set, else CoOp's rule for config.data.shots; rule says which."""
+    if config.num_epochs is not None:
+        return int(config.num_epochs), "config.num_epochs"
+    return epochs_for_shots(config.data.shots), f"CoOp's rule for data.shots={config.data.shots}"

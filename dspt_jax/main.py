@@ -6,6 +6,7 @@ Progress goes to stdout; absl/orbax messages below WARNING are hidden unless --v
 """
 
 import logging
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -58,12 +59,21 @@ def main(argv):
         jax.process_count(),
         jax.devices(),
     )
-    if _CONFIG.value.get("compare_losses"):  # configs/demo.py: several losses on one setting, one table
-        from dspt_jax import demo
+    try:
+        if _CONFIG.value.get("compare_losses"):  # configs/demo.py: several losses on one setting, one table
+            from dspt_jax import demo
 
-        demo.run_demo(_CONFIG.value, _WORKDIR.value)
-    else:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+            demo.run_demo(_CONFIG.value, _WORKDIR.value)
+        else:
+            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except train.InputsNotFoundError as e:  # the message is the whole answer; a traceback would bury it
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(1)
+    except train.TrainingInterrupted:  # Ctrl-C: the trainer has said where its checkpoint is
+        sys.exit(130)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        print("Aborted (Ctrl-C); rerun with the same workdir to resume from its last checkpoint.", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

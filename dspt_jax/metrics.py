@@ -17,7 +17,15 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
 
 
 def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> dict:
-    """Accuracy, macro-F1 (over classes present in labels or predictions) and per-class accuracy (recall)."""
+    """Accuracy, macro-F1 and per-class accuracy (recall; None for a class absent from `labels`).
+
+    Macro-F1 is Dassl's (``dassl/evaluation/evaluator.py``, ``Classification.evaluate``):
+    ``f1_score(y_true, y_pred, average="macro", labels=np.unique(y_true))``, i.e. the mean per-class F1
+    over the classes present in the TRUE labels only. A predicted class absent from the labels gets no
+    F1 term of its own, but its predictions still cost the true class they came from recall. Per
+    class, F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (#predicted + #true), which is 0 when tp = 0 (also
+    when the class is never predicted, sklearn's zero_division result for that case).
+    """
     labels, preds = np.asarray(labels), np.asarray(preds)
     if labels.size == 0:
         raise ValueError("no examples to evaluate")
@@ -26,14 +34,11 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: i
     support, predicted = cm.sum(1), cm.sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(support > 0, tp / support, np.nan)
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        f1 = np.where(
-            tp > 0, 2 * precision * np.nan_to_num(recall) / (precision + np.nan_to_num(recall)), 0.0
-        )
-    present = (support > 0) | (predicted > 0)
+    present = support > 0  # = np.unique(labels): support + predicted > 0 there, so no 0/0
+    f1 = 2 * tp[present] / (support[present] + predicted[present])
     return {
         "accuracy": float(tp.sum() / labels.size),
-        "macro_f1": float(f1[present].mean()),
+        "macro_f1": float(f1.mean()),
         "per_class_accuracy": [None if np.isnan(r) else float(r) for r in recall],
         "num_examples": int(labels.size),
     }

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 import traceback
 from typing import Any, Sequence
@@ -456,7 +457,16 @@ def main(argv):
     _setup_logging()
     if flags.FLAGS["distributed"].value:
         jax.distributed.initialize()
-    return cli(flags.FLAGS)
+    try:
+        return cli(flags.FLAGS)
+    except train.InputsNotFoundError as e:  # the message is the whole answer
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(1)
+    except train.TrainingInterrupted:  # the interrupted point has said where its checkpoint is
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("Aborted (Ctrl-C); rerun the same command to resume.", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

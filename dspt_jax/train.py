@@ -30,7 +30,9 @@ import optax
 from jax.experimental import multihost_utils
 
 from dspt_jax import checkpointing, features, losses, metrics, sharding
+from dspt_jax import config as config_lib
 from dspt_jax import tokenizer as tok_lib
+from dspt_jax.models import loading
 from dspt_jax.models import prompt as prompt_lib
 from dspt_jax.models.clip import CLIPModule, l2_normalize
 from dspt_jax.models.loading import CLIP, load_clip
@@ -40,7 +42,8 @@ log = logging.getLogger("dspt_jax")
 
 
 def log_to_stdout() -> None:
-    """Progress lines of the `dspt_jax` logger on stdout (absl owns the root logger, so attach directly)."""
+    """Progress lines of the `dspt_jax` logger on stdout (absl owns the root logger, so attach directly).
+    `train_and_evaluate` calls it unless the logger already has a handler (give it one to log elsewhere)."""
     if any(getattr(h, "_dspt_console", False) for h in log.handlers):
         return
     handler = logging.StreamHandler(sys.stdout)
@@ -49,6 +52,10 @@ def log_to_stdout() -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after a step, and the checkpoint of that step is saved (already logged)."""
 
 
 @flax.struct.dataclass
@@ -84,29 +91,46 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "is False: use image_features='cached' for features of the unaugmented images"
         )
     p = config.prompt
-    if p.n_ctx < 1:
-        raise ValueError(f"config.prompt.n_ctx must be >= 1, got {p.n_ctx}")
+    prompt_lib.context_layout(p.n_ctx, p.csc, p.ctx_init, p.ctx_init_mode)
     if p.class_token_position not in prompt_lib.CLASS_TOKEN_POSITIONS:
         raise ValueError(
             f"config.prompt.class_token_position must be one of "
             f"{prompt_lib.CLASS_TOKEN_POSITIONS}, got {p.class_token_position!r}"
         )
-    if p.ctx_init:
-        n = len(tok_lib.get_tokenizer().encode(p.ctx_init.replace("_", " ")))
-        if n > p.n_ctx:
-            raise ValueError(
-                f"config.prompt.ctx_init={p.ctx_init!r} is {n} tokens, more than "
-                f"config.prompt.n_ctx={p.n_ctx} allows."
-            )
     if config.model.compute_dtype not in DTYPES:
         raise ValueError(
             f"config.model.compute_dtype must be one of {sorted(DTYPES)}, got {config.model.compute_dtype!r}"
         )
     for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "checkpoint_every_steps"):
-        if config[field] < 1:
+        if config[field] is not None and config[field] < 1:
             raise ValueError(f"config.{field} must be >= 1, got {config[field]}")
     if config.max_steps is not None and config.max_steps < 0:
         raise ValueError(f"config.max_steps must be >= 0, got {config.max_steps}")
+
+
+class InputsNotFoundError(FileNotFoundError):
+    """The run's model or data is not there; the message lists every missing input, each with its fix."""
+
+
+def check_inputs(config: ml_collections.ConfigDict, check_model: bool = True) -> None:
+    """Checks that the CLIP checkpoint and the dataset are there before any work (no weights or images are
+    read), and reports both when both are missing, rather than the second only after the first is fixed."""
+    from dspt_jax.data import pipeline  # TensorFlow lives there
+
+    problems = []
+    if check_model:
+        try:
+            loading.check_source(config.model.source)
+        except FileNotFoundError as e:
+            problems.append(f"Model {config.model.source!r}: {e}")
+    try:
+        pipeline.check_data(data_config(config))
+    except FileNotFoundError as e:
+        problems.append(f"Dataset {config.data.name!r}: {e}")
+    if problems:
+        raise InputsNotFoundError(
+            f"{len(problems)} input(s) of this run are missing:\n\n" + "\n\n".join(problems)
+        )
 
 
 def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -136,8 +160,13 @@ def coop_lr_schedule(
     return schedule
 
 
-def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = coop_lr_schedule(config.optim, config.num_epochs, steps_per_epoch)
+def make_optimizer(
+    config, steps_per_epoch: int, num_epochs: int | None = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """CoOp's SGD on the prompt, nothing on CLIP. `num_epochs` None: `config_lib.resolve_epochs(config)`."""
+    if num_epochs is None:
+        num_epochs, _ = config_lib.resolve_epochs(config)
+    schedule = coop_lr_schedule(config.optim, num_epochs, steps_per_epoch)
     sgd = optax.chain(
         optax.add_decayed_weights(config.optim.weight_decay),  # L2 as torch SGD's weight_decay
         optax.sgd(schedule, momentum=config.optim.momentum),
@@ -312,21 +341,21 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     _write_json(saved_path, config.to_dict())
 
 
-def _train_batch_size(config, train_size: int, n_dev: int) -> int:
-    """CoOp's batch, or the whole training set in one batch when it is smaller (1-2 shots on small
-    datasets), rounded down to a multiple of the device count."""
-    if train_size >= config.batch_size:
-        return config.batch_size
-    batch = train_size // n_dev * n_dev
-    if batch == 0:
-        raise ValueError(f"{train_size} training examples cannot be spread over {n_dev} devices")
-    log.warning(
-        "The training set has %d examples, fewer than batch_size=%d: training on batches of %d.",
-        train_size,
-        config.batch_size,
-        batch,
-    )
-    return batch
+def train_batch_size(config, train_size: int, n_dev: int) -> tuple[int, int]:
+    """(global batch, real examples per step): CoOp's batch, or the whole training set in one step when it is
+    smaller (1-2 shots on small datasets), then padded with masked rows to a multiple of the device count,
+    so that every device count trains on the same examples."""
+    real = min(config.batch_size, train_size)
+    if real < 1:
+        raise ValueError("the training set is empty")
+    if real < config.batch_size:
+        log.warning(
+            "The training set has %d examples, fewer than batch_size=%d: each step trains on all %d.",
+            train_size,
+            config.batch_size,
+            real,
+        )
+    return math.ceil(real / n_dev) * n_dev, real
 
 
 class _SigintFlag:
@@ -405,7 +434,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
     None loads it. It is only read, never changed.
     """
     start_time = time.time()
+    if not log.handlers:  # called from Python: progress on stdout, as the command line prints it
+        log_to_stdout()
     validate_config(config)
+    check_inputs(config, check_model=clip is None)
     feature_mode = features.parse_mode(config.image_features)
     _prepare_workdir(config, workdir)
     from dspt_jax.data import pipeline  # TensorFlow lives there
@@ -438,40 +470,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         config.model.source,
         n_dev,
     )
+    log.info("Splits: %s", task.splits)
+    if task.test_as_coop is False:
+        log.warning(
+            "NOT COMPARABLE with CoOp-protocol tables: %s's test images on %s differ from CoOp's split "
+            "(split_zhou_*.json). Put CoOp's split file where docs/DATA.md says (data.coop_root or $DATA) "
+            "or set data.split_file.",
+            task.name,
+            task.splits,
+        )
 
-    batch_size = _train_batch_size(config, task.train_size, n_dev)
-    steps_per_epoch = pipeline.steps_per_epoch(task, batch_size)
-    total_steps = config.num_epochs * steps_per_epoch
+    batch_size, examples_per_step = train_batch_size(config, task.train_size, n_dev)
+    steps_per_epoch = pipeline.steps_per_epoch(task, batch_size, examples_per_step)
+    num_epochs, epochs_rule = config_lib.resolve_epochs(config)
+    total_steps = num_epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
 
-    spec = prompt_lib.build_prompt_spec(
-        task.classnames, config.prompt.n_ctx, config.prompt.class_token_position
-    )
+    p = config.prompt
+    layout = prompt_lib.context_layout(p.n_ctx, p.csc, p.ctx_init, p.ctx_init_mode)
+    for note in layout.notes:
+        log.info("Prompt: %s", note)
+    spec = prompt_lib.build_prompt_spec(task.classnames, layout.n_ctx, p.class_token_position)
     repl = sharding.replicated(mesh)
     clip_params = jax.device_put(clip.params, repl)
     frozen_embeds = jax.device_put(clip.token_embeddings(spec.token_ids), repl)
-    init_words = None
-    if config.prompt.ctx_init:
-        init_words = prompt_lib.ctx_init_embeddings(clip, config.prompt.ctx_init, config.prompt.n_ctx)
-        if len(init_words) < config.prompt.n_ctx:
-            log.warning(
-                "ctx_init %r fills the last %d of n_ctx=%d context vectors; the others start random. CoOp "
-                "uses exactly the init words: set --config.prompt.n_ctx=%d for its setting.",
-                config.prompt.ctx_init,
-                len(init_words),
-                config.prompt.n_ctx,
-                len(init_words),
-            )
     prompt = prompt_lib.init_context(
         jax.random.key(config.seed),
         spec,
         clip.config.text.hidden_size,
-        csc=config.prompt.csc,
-        init_embeddings=init_words,
+        csc=layout.csc,
+        init_embeddings=prompt_lib.init_embeddings(clip, layout),
     )
     loss_fn = losses.get_loss_fn(config.loss, gce_q=config.gce_q)
-    tx, schedule = make_optimizer(config, steps_per_epoch)
+    tx, schedule = make_optimizer(config, steps_per_epoch, num_epochs)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         prompt=prompt,
@@ -557,6 +589,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
             task,
             bank,
             global_batch_size=batch_size,
+            examples_per_step=examples_per_step,
             seed=config.seed,
             start_step=step,
             process_index=pidx,
@@ -566,6 +599,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         train_iter = pipeline.train_batches(
             task,
             global_batch_size=batch_size,
+            examples_per_step=examples_per_step,
             seed=config.seed,
             augment=config.data.augment,
             start_step=step,
@@ -574,11 +608,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         )
     writer = metrics.MetricWriter(workdir, enabled=pidx == 0, resume_step=step)
     log.info(
-        "Training %d steps (%d per epoch, %d epochs, batch %d), loss %s, image features %s, from step %d",
+        "Training %d steps (%d per epoch, %d epochs by %s, batch %d), loss %s, image features %s, from step %d",
         total_steps,
         steps_per_epoch,
-        config.num_epochs,
-        batch_size,
+        num_epochs,
+        epochs_rule,
+        examples_per_step,
         config.loss,
         feature_mode,
         step,
@@ -641,7 +676,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
                         step,
                         total_steps,
                         scalars["epoch"] + 1,
-                        config.num_epochs,
+                        num_epochs,
                         scalars["loss"],
                         scalars["train_accuracy"],
                         scalars["lr"],
@@ -672,7 +707,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
                 log.warning(
                     "Interrupted at step %d; checkpoint saved, rerun with the same workdir to resume.", step
                 )
-                raise KeyboardInterrupt
+                raise TrainingInterrupted
     finally:
         # Shut the endless input pipeline down here, not whenever this frame is collected: left to
         # garbage collection, its teardown stalled 13-34 s after about half of the points of a sweep.
@@ -717,6 +752,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         "dataset": task.name,
         "num_classes": task.num_classes,
         "shots": config.data.shots,
+        # Which train/val/test splits were used, and whether the test set is CoOp's protocol's.
+        "splits": {"source": task.splits, "test_as_coop": task.test_as_coop},
         "loss": config.loss,
         "gce_q": config.gce_q if config.loss == "gce" else None,
         "noise": {
@@ -727,11 +764,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         },
         "seed": config.seed,
         "model": config.model.source,
-        "prompt": config.prompt.to_dict(),
+        # The context as trained (CoOp's ctx_init layout may set n_ctx and csc; see context_layout).
+        "prompt": {**config.prompt.to_dict(), "n_ctx": layout.n_ctx, "csc": layout.csc},
         "steps": step,
-        "epochs": config.num_epochs,
+        "epochs": num_epochs,
+        "epochs_rule": epochs_rule,
         "epochs_completed": step / steps_per_epoch,
-        "batch_size": batch_size,
+        "batch_size": examples_per_step,
         # How training images reached the loss; anything but "computed" departs from CoOp's protocol.
         "image_features": str(feature_mode),
         "zero_shot": zero_shot,

@@ -8,7 +8,8 @@
 #     --process_id=$RANK --config=... --workdir=<shared dir>
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  sed -n 2,8p "$0"; exit 2
+  # The usage text is the whole header comment above, so it cannot go stale or be cut short.
+  awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0" >&2; exit 2
 fi
 CONFIG=$1; WORKDIR=$2; shift 2
 # Keep TensorFlow (input pipeline only) off the GPUs and let XLA take what it needs.

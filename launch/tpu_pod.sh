@@ -10,8 +10,14 @@
 # gs:// URLs are refused.
 set -euo pipefail
 if [ $# -lt 4 ]; then
-  sed -n 2,8p "$0"; exit 2
+  # The usage text is the whole header comment above, so it cannot go stale or be cut short.
+  awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0" >&2; exit 2
 fi
 TPU_NAME=$1; ZONE=$2; CONFIG=$3; WORKDIR=$4; shift 4
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
-  cd ~/dspt_jax && python3 -m dspt_jax.main --distributed --config=$CONFIG --workdir=$WORKDIR $*"
+# --command is one string that the worker's login shell parses again, so each argument is put in single quotes
+# (a ' inside becomes '\''): it then arrives as exactly one argv entry whatever it holds (spaces, $, [], ;),
+# in any POSIX shell.
+quote() { local q=${1//\'/\'\\\'\'}; printf "'%s' " "$q"; }
+args=$(for a in --distributed "--config=$CONFIG" "--workdir=$WORKDIR" "$@"; do quote "$a"; done)
+gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command \
+  "cd ~/dspt_jax && python3 -m dspt_jax.main $args"

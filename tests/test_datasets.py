@@ -58,7 +58,7 @@ def test_spot_checked_coop_names():
     assert D.get_dataset_info("eurosat").classnames[-1] == "Sea or Lake"
     assert D.get_dataset_info("ucf101").classnames[:2] == ("Apply Eye Makeup", "Apply Lipstick")
     assert D.get_dataset_info("food101").classnames[16:18] == ("cheese plate", "cheesecake")
-    assert D.get_dataset_info("oxford_flowers").classnames[77] == "lotus lotus"
+    assert D.get_dataset_info("oxford_flowers").classnames[77] == "lotus"
     assert D.get_dataset_info("imagenet").classnames[0] == "tench"
 
 
@@ -110,7 +110,7 @@ def test_tfds_mapping_hand_checked(tfds_label_names):
     assert cls("caltech101", "airplanes") == "airplane"
     assert cls("oxford_pets", "Abyssinian") == "abyssinian"
     assert cls("stanford_cars", "Acura TL Type-S 2008") == "2008 Acura TL Type-S"
-    assert cls("oxford_flowers", "lotus") == "lotus lotus"
+    assert cls("oxford_flowers", "lotus") == "lotus"
     assert cls("oxford_flowers", "pink-yellow dahlia?") == "pink-yellow dahlia"
     assert cls("sun397", "/c/car_interior/backseat") == "backseat car interior"
     assert cls("eurosat", "HerbaceousVegetation") == "Herbaceous Vegetation Land"

@@ -1,6 +1,6 @@
 """Tests of dspt_jax.losses against independent references.
 
-References: float64 numpy written here, closed-form gradients (DESIGN.md sec. 2), hand-computed cases and
+References: float64 numpy written here, closed-form gradients (docs/PROTOCOLS.md, section 1), hand-computed cases and
 PyTorch's ``F.cross_entropy(z.softmax(-1), y)`` for DSPT. The losses compute in float32, so tolerances are
 float32 ones: relative ~1e-6 on values, and an absolute floor of a few float32 epsilons on gradients
 (the softmax backward ``p * (g - <p, g>)`` cancels on the dominant class; CE's ``p_y - 1`` has the same floor).

@@ -107,9 +107,35 @@ def test_sym_incl_may_keep_the_true_label():
         assert flipped.sum() <= int(rate * n)
         if flipped.sum() < int(rate * n):
             kept_somewhere = True
-        # Fraction changed among the re-drawn ones is (K-1)/K: 750 expected, sd ~ 19.4.
+        # Fraction changed among the re-drawn ones is (K-1)/K: 750 of 1000 expected, binomial sd ~ 13.7.
         assert abs(flipped.sum() - int(rate * n) * (k - 1) / k) < 5 * np.sqrt(1000 * 0.25 * 0.75)
     assert kept_somewhere
+
+
+def test_sym_incl_selects_int_rate_n_and_redraws_over_all_k_classes():
+    # The selected positions are sym's (exactly int(rate*N) of them, as sym changes every one it selects).
+    # sym_incl changes only a subset of them, never anything outside; the redrawn labels are uniform over
+    # all K classes, the true class included (1/K each), so fewer than int(rate*N) labels may change.
+    k, n, rate, seed = 3, 30_000, 0.5, 9
+    labels = _labels(n=n, k=k, seed=17)
+    _, selected = noise.corrupt_labels(labels, num_classes=k, kind="sym", rate=rate, seed=seed)
+    assert int(selected.sum()) == int(rate * n)
+    noisy, flipped = noise.corrupt_labels(labels, num_classes=k, kind="sym_incl", rate=rate, seed=seed)
+    np.testing.assert_array_equal(noisy[~selected], labels[~selected])
+    assert not np.any(flipped & ~selected)
+    assert 0 < flipped.sum() < selected.sum()
+    # Among the selected, each class c's new labels are uniform over all K classes (binomial, 5 sigma),
+    # so the share that keeps its true label is 1/K, not 0 as with sym.
+    for c in range(k):
+        row = noisy[selected & (labels == c)]
+        sigma = np.sqrt((1 / k) * (1 - 1 / k) / row.size)
+        np.testing.assert_allclose(np.bincount(row, minlength=k) / row.size, np.full(k, 1 / k), atol=5 * sigma)
+    kept = int((selected & ~flipped).sum())
+    assert abs(kept - selected.sum() / k) < 5 * np.sqrt(selected.sum() * (1 / k) * (1 - 1 / k))
+    # A few-shot-sized case: N = 32 at rate 0.5 selects 16; with K = 2 about 8 of them change, never more than 16.
+    small = np.arange(32) % 2
+    changed = [int(noise.corrupt_labels(small, 2, "sym_incl", 0.5, s)[1].sum()) for s in range(20)]
+    assert max(changed) <= 16 and min(changed) < 16
 
 
 def test_same_selection_across_label_kinds_and_nested_rates():

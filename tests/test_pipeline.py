@@ -231,12 +231,34 @@ def test_resume_with_start_step_equals_continuing(folder_task):
 
 def test_train_batch_checks(folder_task):
     # Checked when the iterator is made, not at the first batch.
-    with pytest.raises(ValueError, match="fewer than global_batch_size"):
+    with pytest.raises(ValueError, match="fewer than 16 per step"):
         pipeline.train_batches(folder_task, global_batch_size=16, seed=0)
+    with pytest.raises(ValueError, match="examples_per_step must be in"):
+        pipeline.train_batches(folder_task, global_batch_size=4, examples_per_step=5, seed=0)
     with pytest.raises(ValueError, match="not divisible"):
         pipeline.train_batches(folder_task, global_batch_size=4, seed=0, process_count=3)
     with pytest.raises(ValueError, match="process_index"):
         pipeline.eval_batches(folder_task, global_batch_size=4, process_index=2, process_count=2)
+
+
+@pytest.mark.parametrize("hosts", [1, 2])
+def test_padded_steps_train_on_the_same_examples(folder_task, hosts):
+    """A step padded to a multiple of the devices: its real rows are the unpadded step's, images (augmented
+    with the same seeds) included, and the padding rows are masked out."""
+    n = folder_task.train_size
+    padded_batch = n + 3 + (n + 3) % 2  # room for 3-4 padding rows, divisible by both host counts
+    plain = take(pipeline.train_batches(folder_task, global_batch_size=n, seed=5, augment=True), 3)
+    parts = [
+        take(pipeline.train_batches(folder_task, global_batch_size=padded_batch, examples_per_step=n, seed=5,
+                                    augment=True, process_index=p, process_count=hosts), 3)
+        for p in range(hosts)
+    ]
+    for s in range(3):
+        step = {k: np.concatenate([part[s][k] for part in parts]) for k in plain[s]}
+        assert step["mask"].tolist() == [True] * n + [False] * (padded_batch - n)
+        for key in ("image", "label", "clean_label", "id", "flipped"):
+            np.testing.assert_array_equal(step[key][:n], plain[s][key], err_msg=key)
+    assert pipeline.steps_per_epoch(folder_task, padded_batch, examples_per_step=n) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +371,7 @@ def test_csv_source_with_its_own_noisy_labels(folder, tmp_path):
            "noise": {"kind": "real"}}
     task = pipeline.load_task(cfg)
     assert task.train_size == 18 and task.test_size == 9 and task.real_noise
+    assert task.name == "labels"  # the CSV's name, not "csv"
     b = take(pipeline.train_batches(task, global_batch_size=18, seed=0), 1)[0]
     for label, clean, example_id, flipped in zip(b["label"], b["clean_label"], b["id"], b["flipped"]):
         row = rows[example_id]  # ids are CSV row indices
@@ -392,6 +415,64 @@ def test_split_file_with_folder_selects_exactly_its_files(tmp_path):
         assert [os.path.relpath(paths[i], root) for i in ex.ids] == [p for p, _, _ in split[part]]
         assert ex.labels.tolist() == [y for _, y, _ in split[part]]
     assert task.dataset_id == "folder-split_zhou_Mine"
+    # Your own data is named by its folder (or data.display_name), so two folders never share a table row.
+    assert task.name == "images" and task.test_as_coop is None
+    named = pipeline.load_task({"name": "folder", "folder": str(root), "split_file": str(path), "shots": 16,
+                                "image_size": SIZE, "display_name": "owls and ants"})
+    assert named.name == "owls and ants"
+
+
+def write_coop_eurosat(root, per_class=3):
+    """CoOp's $DATA/eurosat layout: 2750/<Folder>/*.png and split_zhou_EuroSAT.json (1 train, 1 val, the
+    rest test per class). Returns the split."""
+    split = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(cn.EUROSAT):
+        folder = name.title().replace(" ", "")
+        (root / "eurosat" / "2750" / folder).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.broadcast_to(colour(label), (12, 12, 3)).copy()).save(
+                root / "eurosat" / "2750" / folder / f"{i}.png")
+            split["train" if i == 0 else "val" if i == 1 else "test"].append([f"{folder}/{i}.png", label, name])
+    (root / "eurosat" / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
+    return split
+
+
+def test_coop_split_file_is_found_where_coops_layout_puts_it(tmp_path, monkeypatch):
+    """split_file="auto" (the default): CoOp's split file and image folder under data.coop_root (or $DATA)
+    are used, no tfds needed, and the task says so."""
+    split = write_coop_eurosat(tmp_path)
+    for how in ("coop_root", "env"):
+        if how == "env":
+            monkeypatch.setenv("DATA", str(tmp_path))
+        cfg = {"name": "eurosat", "shots": 1, "image_size": SIZE}
+        task = pipeline.load_task(dict(cfg, coop_root=str(tmp_path)) if how == "coop_root" else cfg)
+        assert task.test_as_coop is True
+        assert task.splits == (f"CoOp's split file {tmp_path}/eurosat/split_zhou_EuroSAT.json (images from "
+                               f"{tmp_path}/eurosat/2750)")
+        paths = task.train_pool.pool.paths
+        assert [os.path.relpath(paths[i], tmp_path / "eurosat" / "2750") for i in task.test.ids] == [
+            p for p, _, _ in split["test"]]
+        assert task.dataset_id == "eurosat-split_zhou_EuroSAT"
+    # split_file=None opts out: the tfds route, which is not prepared here.
+    with pytest.raises(sources.DatasetNotPreparedError):
+        pipeline.load_task({"name": "eurosat", "shots": 1, "split_file": None, "data_dir": str(tmp_path / "t")})
+
+
+def test_split_file_of_other_classes_is_refused(tmp_path):
+    """A 4-class split file given for caltech101 (100 classes) is refused, not trained as 100 classes."""
+    root = tmp_path / "images"
+    split = {"train": [], "val": [], "test": []}
+    for label, c in enumerate(["w", "x", "y", "z"]):
+        (root / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / c / "0.png")
+        for part in split:
+            split[part].append([f"{c}/0.png", label, c])
+    path = tmp_path / "split_zhou_Mine.json"
+    path.write_text(json.dumps(split))
+    with pytest.raises(ValueError, match="has 4 classes .*caltech101 has 100.*data.name='folder'"):
+        pipeline.load_task({"name": "caltech101", "folder": str(root), "split_file": str(path)})
+    task = pipeline.load_task({"name": "folder", "folder": str(root), "split_file": str(path), "shots": 1})
+    assert task.num_classes == 4 and task.test_as_coop is None
 
 
 @pytest.fixture(scope="module")
@@ -512,6 +593,9 @@ def test_split_file_on_tfds_is_matched_by_file_name(fgvc, tmp_path):
     chosen = {"train": [0, 3, 9, 10, 18], "val": [1, 19], "test": [2, 11, 20, 21, 22]}
     split = {part: [[files[k][1], files[k][2], cn.FGVC_AIRCRAFT[files[k][2]]] for k in ks]
              for part, ks in chosen.items()}
+    # CoOp's files list every class; those without an image in the mock builder are skipped with a warning.
+    present = {files[k][2] for ks in chosen.values() for k in ks}
+    split["test"] += [[f"absent_{c}.jpg", c, name] for c, name in enumerate(cn.FGVC_AIRCRAFT) if c not in present]
     path = tmp_path / "split_zhou_FGVC.json"
     path.write_text(json.dumps(split))
     task = pipeline.load_task({"name": "fgvc_aircraft", "data_dir": data_dir, "split_file": str(path),
@@ -549,7 +633,8 @@ def raw_table(name, data_dir, split, fields):
     return {k: np.array([r[k] for r in rows]) for k in fields}, builder.info.features["label"].names
 
 
-def test_mock_caltech101(tmp_path):
+def test_mock_caltech101(tmp_path, monkeypatch):
+    monkeypatch.delenv("DATA", raising=False)  # no CoOp layout to find: tfds' own splits
     data_dir = str(tmp_path)
     write_metadata("caltech101", data_dir, {"train": 40, "test": 40})
     with tfds.testing.mock_data(num_examples=40, data_dir=data_dir):
@@ -563,6 +648,7 @@ def test_mock_caltech101(tmp_path):
     kept = np.flatnonzero(mapped >= 0)  # background_google / faces_easy examples are dropped
     assert 0 < raw["label"].size - kept.size  # the mock data hold some: the drop path is exercised
     assert task.num_classes == 100 and task.classnames == cn.CALTECH101
+    assert task.splits == "tfds 'caltech101' splits" and task.test_as_coop is False  # not CoOp's test images
     np.testing.assert_array_equal(task.train_pool.ids, kept)
     np.testing.assert_array_equal(task.train_pool.labels, mapped[kept])
     assert task.train_size == np.unique(mapped[kept]).size  # one shot per present class
@@ -646,7 +732,8 @@ def test_missing_dataset_fails_fast_with_instructions(tmp_path):
     assert time.time() - start < 5
     msg = str(err.value)
     assert "'dtd'" in msg and str(tmp_path / "dtd" / "3.0.1") in msg
-    assert f"tfds build dtd --data_dir={tmp_path}" in msg and "split_zhou_DescribableTextures.json" in msg
+    assert f"python -m dspt_jax.data.prepare dtd --data_dir={tmp_path}" in msg
+    assert "split_zhou_DescribableTextures.json" in msg and "tfds build" not in msg
     start = time.time()
     with pytest.raises(sources.DatasetNotPreparedError, match="python -m dspt_jax.data.prepare ucf101"):
         pipeline.load_task({"name": "ucf101", "data_dir": str(tmp_path)})

@@ -28,7 +28,7 @@ def clip():
 )
 def test_context_of_real_words_equals_the_sentence(clip, position, sentence):
     spec = prompt_lib.build_prompt_spec(CLASSNAMES, n_ctx=4, class_token_position=position)
-    words = prompt_lib.ctx_init_embeddings(clip, WORDS, n_ctx=4)
+    words = prompt_lib.init_embeddings(clip, prompt_lib.context_layout(16, False, WORDS))  # CoOp: n_ctx -> 4
     prompt = prompt_lib.init_context(jax.random.key(0), spec, 32, init_embeddings=words)
     frozen = clip.token_embeddings(spec.token_ids)
     embeds = prompt_lib.assemble(frozen, prompt["ctx"], spec.ctx_positions)
@@ -44,7 +44,7 @@ def test_names_ending_in_punctuation_tokenize_as_the_sentence(clip):
     """ "impala (antelope)." ends in the single token ")." in CoOp's whole-sentence tokenization."""
     names = ["impala (antelope)", "kite (bird of prey)", "crane (bird)"]
     spec = prompt_lib.build_prompt_spec(names, n_ctx=4, class_token_position="end")
-    words = prompt_lib.ctx_init_embeddings(clip, WORDS, n_ctx=4)
+    words = prompt_lib.init_embeddings(clip, prompt_lib.context_layout(4, False, WORDS))
     ctx = prompt_lib.init_context(jax.random.key(0), spec, 32, init_embeddings=words)["ctx"]
     embeds = prompt_lib.assemble(clip.token_embeddings(spec.token_ids), ctx, spec.ctx_positions)
     want_ids = tokenize([f"{WORDS} {n}." for n in names])
@@ -82,10 +82,43 @@ def test_init_context_shapes_and_word_init(clip):
     shared = prompt_lib.init_context(jax.random.key(0), spec, 32)["ctx"]
     assert shared.shape == (6, 32)
     assert 0.01 < float(jnp.std(shared)) < 0.03  # N(0, 0.02) as CoOp
-    words = prompt_lib.ctx_init_embeddings(clip, WORDS, n_ctx=6)
+    words = prompt_lib.init_embeddings(clip, prompt_lib.context_layout(6, True, WORDS, mode="pad"))
     csc = prompt_lib.init_context(jax.random.key(0), spec, 32, csc=True, init_embeddings=words)["ctx"]
     assert csc.shape == (len(CLASSNAMES), 6, 32)
     np.testing.assert_array_equal(csc[:, 2:], np.broadcast_to(words, (len(CLASSNAMES), 4, 32)))
+
+
+def test_ctx_init_layout_is_coops_by_default():
+    """CoOp's PromptLearner with CTX_INIT "a photo of a": n_ctx = 4 word vectors, shared, whatever N_CTX and
+    CSC say (its class-specific branch only exists for random init)."""
+    tokenizer = prompt_lib.tok_lib.get_tokenizer()
+    coop = prompt_lib.context_layout(16, True, "a photo of a")
+    assert (coop.n_ctx, coop.csc) == (4, False)
+    assert coop.init_ids == tuple(tokenizer.encode("a photo of a"))
+    assert any("csc is ignored" in n for n in coop.notes) and any("context length" in n for n in coop.notes)
+    assert prompt_lib.context_layout(4, False, "a_photo_of_a").init_ids == coop.init_ids  # "_" as CoOp
+    assert prompt_lib.context_layout(4, False, "a photo of a").notes == ()
+    # The former behaviour, only on request: n_ctx slots, the words at the end, class-specific copies.
+    pad = prompt_lib.context_layout(16, True, "a photo of a", mode="pad")
+    assert (pad.n_ctx, pad.csc, pad.init_ids) == (16, True, coop.init_ids)
+    # Without words both modes are the config as written.
+    assert prompt_lib.context_layout(16, True) == prompt_lib.ContextLayout(16, True)
+    # A word of several tokens: every token is learned, and the note says how CoOp differs.
+    odd = prompt_lib.context_layout(16, False, "a photograph of an aardvark")
+    assert odd.n_ctx == len(tokenizer.encode("a photograph of an aardvark")) > 5
+    assert any("CoOp would learn the first 5" in n for n in odd.notes)
+
+
+def test_coop_layout_params_have_coops_shapes(clip):
+    """The trainable context of a CoOp word init: [4, D] and equal to the words' token embeddings."""
+    spec = prompt_lib.build_prompt_spec(CLASSNAMES, n_ctx=4)
+    layout = prompt_lib.context_layout(16, True, "a photo of a")
+    ctx = prompt_lib.init_context(
+        jax.random.key(0), spec, 32, csc=layout.csc, init_embeddings=prompt_lib.init_embeddings(clip, layout)
+    )["ctx"]
+    assert ctx.shape == (4, 32)
+    ids = np.asarray([[49406, *layout.init_ids]], np.int32)
+    np.testing.assert_array_equal(ctx, np.asarray(clip.token_embeddings(ids))[0, 1:])
 
 
 def test_bad_settings_fail_clearly(clip):
@@ -93,8 +126,10 @@ def test_bad_settings_fail_clearly(clip):
         prompt_lib.build_prompt_spec(CLASSNAMES, n_ctx=0)
     with pytest.raises(ValueError, match="class_token_position"):
         prompt_lib.build_prompt_spec(CLASSNAMES, class_token_position="start")
-    with pytest.raises(ValueError, match="4 tokens but n_ctx=3"):
-        prompt_lib.ctx_init_embeddings(clip, WORDS, n_ctx=3)
+    with pytest.raises(ValueError, match="4 tokens, more than config.prompt.n_ctx=3"):
+        prompt_lib.context_layout(3, False, WORDS, mode="pad")
+    with pytest.raises(ValueError, match="ctx_init_mode must be one of"):
+        prompt_lib.context_layout(3, False, WORDS, mode="words")
     with pytest.raises(ValueError, match="needs 79 tokens"):
         prompt_lib.build_prompt_spec(["word " * 60], n_ctx=16)
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dspt_jax import config as config_lib
 from dspt_jax import losses, metrics, train
 from dspt_jax.config import default_config
 from dspt_jax.data import toy
@@ -164,6 +165,9 @@ def test_smoke_run_outputs(straight_run):
     lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert [l["step"] for l in lines] == [2, 4, 6, 8, 10, 12]
     assert on_disk["batch_size"] == 8 and on_disk["epochs_completed"] == 3
+    assert on_disk["epochs"] == 3 and on_disk["epochs_rule"] == "config.num_epochs"
+    assert on_disk["splits"] == {"source": "the splits of toy", "test_as_coop": None}
+    assert on_disk["prompt"]["n_ctx"] == 4 and on_disk["prompt"]["ctx_init_mode"] == "coop"
     assert all({"loss", "lr", "steps_per_sec"} <= set(l) for l in lines)
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     record = os.listdir(os.path.join(workdir, "noise"))
@@ -230,17 +234,21 @@ def test_every_loss_trains_on_a_separable_problem(tmp_path, loss):
     assert results["train"]["accuracy_clean_labels"] > 0.5  # chance is 0.25
 
 
-def _run_in_subprocess(workdir, devices):
+def _run_in_subprocess(workdir, devices, setup="", overrides=None):
+    """The smoke config (with `overrides`, after running `setup`) trained on `devices` fake CPU devices."""
     script = (
-        "import sys; sys.path.insert(0, 'configs'); import smoke, jax\n"
+        "import sys; sys.path.insert(0, 'configs'); sys.path.insert(0, 'tests'); import smoke, jax\n"
         f"assert jax.device_count() == {devices}, jax.devices()\n"
         "from dspt_jax import train\n"
-        f"train.train_and_evaluate(smoke.get_config(), {workdir!r})\n"
+        f"{setup}\n"
+        "from test_train import smoke_config\n"
+        f"train.train_and_evaluate(smoke_config(**{overrides or {}!r}), {workdir!r})\n"
     )
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, env=env, check=True, capture_output=True, timeout=600
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=600
     )
+    return proc.stdout
 
 
 def test_eight_devices_match_one(straight_run, tmp_path):
@@ -262,6 +270,31 @@ def test_eight_devices_match_one(straight_run, tmp_path):
     assert r8["final"]["num_examples"] == r1["final"]["num_examples"] == 40
 
 
+def test_a_training_set_smaller_than_the_batch_is_padded_not_cut(tmp_path):
+    """10 examples, batch 32: one step of all 10 per epoch. 8 devices pad the step to 16 rows and mask 6 out
+    (they used to cut it to 8 and drop 2 examples each epoch), so they train exactly as 1 device does."""
+    setup = "from dspt_jax.data import toy; toy.register(num_classes=5, name='toy5')"
+    overrides = {"data.name": "toy5", "data.shots": 2, "batch_size": 32, "num_epochs": 6, "log_every_steps": 1,
+                 "zero_shot": False, "optim.warmup_epochs": 0, "optim.lr": 0.05}
+    runs = {}
+    for devices in (1, 8):
+        workdir = str(tmp_path / f"d{devices}")
+        stdout = _run_in_subprocess(workdir, devices, setup, overrides)
+        # Called from Python with no logging set up, the trainer still reports its progress.
+        assert "step 6/6" in stdout and "Tuned prompt" in stdout, stdout
+        runs[devices] = (
+            read_jsonl(os.path.join(workdir, "metrics.jsonl")),
+            np.load(os.path.join(workdir, "prompt.npz"))["ctx"],
+            json.load(open(os.path.join(workdir, "results.json"))),
+        )
+    (m1, ctx1, r1), (m8, ctx8, r8) = runs[1], runs[8]
+    assert r1["batch_size"] == r8["batch_size"] == 10 and r1["steps"] == r8["steps"] == 6
+    np.testing.assert_allclose([l["loss"] for l in m8], [l["loss"] for l in m1], rtol=1e-5)
+    np.testing.assert_allclose([l["train_accuracy"] for l in m8], [l["train_accuracy"] for l in m1])
+    np.testing.assert_allclose(ctx8, ctx1, rtol=1e-4, atol=1e-6)
+    assert r8["train"]["num_examples"] == 10
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
@@ -271,7 +304,12 @@ def test_eight_devices_match_one(straight_run, tmp_path):
         ({"noise.rate": -0.1}, "-0.1"),
         ({"noise.kind": "symmetric"}, "symmetric"),
         ({"prompt.n_ctx": 0}, "n_ctx must be >= 1"),
-        ({"prompt.ctx_init": "a photo of a very nice"}, "more than config.prompt.n_ctx=4"),
+        (
+            {"prompt.ctx_init": "a photo of a very nice", "prompt.ctx_init_mode": "pad"},
+            "more than config.prompt.n_ctx=4",
+        ),
+        ({"prompt.ctx_init": "a photo of a", "prompt.ctx_init_mode": "words"}, "ctx_init_mode must be one of"),
+        ({"num_epochs": 0}, "num_epochs must be >= 1"),
         ({"prompt.class_token_position": "start"}, "class_token_position"),
         ({"model.compute_dtype": "float16"}, "compute_dtype"),
     ],
@@ -285,6 +323,33 @@ def test_bad_config_fails_at_startup(tmp_path, overrides, message):
     assert not workdir.exists()  # failed before writing anything or loading data/weights
 
 
+def test_missing_model_and_data_are_reported_together(tmp_path, monkeypatch):
+    """configs/caltech.py as shipped, on a machine with neither the weights nor the dataset: one error names
+    both, with how to get each, before anything is written."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.delenv("DATA", raising=False)
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    try:
+        import caltech
+    finally:
+        sys.path.pop(0)
+    config = caltech.get_config()
+    config.data.data_dir = str(tmp_path / "tfds")
+    workdir = tmp_path / "never"
+    start = time.time()
+    with pytest.raises(train.InputsNotFoundError) as err:
+        train.train_and_evaluate(config, str(workdir))
+    assert time.time() - start < 10
+    message = str(err.value)
+    assert "2 input(s)" in message
+    assert "hf download openai/clip-vit-base-patch16" in message
+    assert f"python -m dspt_jax.data.prepare caltech101 --data_dir={tmp_path / 'tfds'}" in message
+    assert not workdir.exists()
+
+
 def test_resuming_a_different_setting_is_refused(straight_run):
     workdir, _, _ = straight_run
     with pytest.raises(ValueError, match=r"different setting \(loss: workdir has 'dspt', this run 'ce'"):
@@ -296,13 +361,28 @@ def test_url_workdir_is_refused(tmp_path):
         train.train_and_evaluate(smoke_config(), "gs://bucket/runs/x")
 
 
+def test_epochs_follow_the_shots_as_coop():
+    """CoOp's configs: rn50_ep50 for 1 shot, rn50_ep100 for 2 and 4, rn50 (200 epochs) for 8 and 16."""
+    assert [config_lib.epochs_for_shots(k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert [config_lib.epochs_for_shots(k) for k in (3, 5, 32, -1)] == [100, 200, 200, 200]
+    config = default_config()
+    assert config.num_epochs is None  # the default follows the shots
+    config.data.shots = 2
+    assert config_lib.resolve_epochs(config) == (100, "CoOp's rule for data.shots=2")
+    config.num_epochs = 7  # an explicit number wins
+    assert config_lib.resolve_epochs(config) == (7, "config.num_epochs")
+
+
 def test_training_set_smaller_than_the_batch(tmp_path):
-    """1 shot x 4 classes < batch 8: one batch of the whole set per epoch (CoOp's drop_last rule)."""
+    """1 shot x 4 classes < batch 8: one batch of the whole set per epoch (CoOp's drop_last rule), and
+    CoOp's 50 epochs for 1 shot when num_epochs is unset."""
     results = train.train_and_evaluate(
-        smoke_config(**{"data.shots": 1, "noise.kind": "none", "noise.rate": 0.0, "zero_shot": False}),
+        smoke_config(**{"data.shots": 1, "noise.kind": "none", "noise.rate": 0.0, "zero_shot": False,
+                        "num_epochs": None, "max_steps": 3}),
         str(tmp_path),
     )
-    assert results["batch_size"] == 4 and results["steps"] == 3  # 3 epochs of 1 step
+    assert results["batch_size"] == 4 and results["steps"] == 3  # 3 of the 50 epochs of 1 step
+    assert results["epochs"] == 50 and results["epochs_rule"] == "CoOp's rule for data.shots=1"
 
 
 def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path):
@@ -330,7 +410,8 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path):
             break
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=300)[0]
-    assert proc.returncode != 0 and "checkpoint saved" in out, out[-2000:]
+    # The message alone, no traceback, and the exit status of a Ctrl-C.
+    assert proc.returncode == 130 and "checkpoint saved" in out and "Traceback" not in out, out[-2000:]
     # Orbax keeps its first step; the other is the step Ctrl-C stopped at, though no periodic save was due.
     stopped = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert stopped >= 5

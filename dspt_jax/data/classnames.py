@@ -12,9 +12,13 @@ How each list was obtained and checked (class by class, see docs/DATA.md):
   order). Checked: first 19 against a CoOp run.
 * STANFORD_CARS: cars_meta.mat names (= tfds cars196 names) with the year moved to the front, as
   CoOp does. Checked: first 98 against a CoOp run (that copy lost four spaces to line wrapping).
-* OXFORD_FLOWERS: cat_to_name.json (the file CoOp asks for), keys 1..102. Differs from tfds' names at
-  "pink-yellow dahlia" (tfds adds "?") and "lotus lotus" (tfds: "lotus"). Checked: first 51 against a
-  CoOp run, all 102 against two public copies of cat_to_name.json.
+* OXFORD_FLOWERS: cat_to_name.json (the file CoOp asks for), keys 1..102 = labels 0..101 (= tfds
+  order). Differs from tfds' names only at label 59, "pink-yellow dahlia" (tfds adds "?"). Label 77
+  (key "78") is "lotus", as in CoOp's split_zhou_OxfordFlowers.json, whose names CoOp's runs use
+  (vishaal27/SuS-X gpt3_prompts/CuPL_prompts_flowers102.json is keyed by that file's names; the
+  CoOp-based azshue/TPT data/cls_to_names.py holds a cat_to_name.json with "78": "lotus"); the
+  Udacity cat_to_name.json copies in many repos say "lotus lotus". Checked: first 51 against a CoOp
+  run, the other 101 against two copies of cat_to_name.json, all 102 against SuS-X's and TPT's lists.
 * FOOD101: sorted folder names (CoOp sorts; tfds' order differs at cheesecake / cheese_plate).
   Checked: all 101 against a public copy of CoOp's list.
 * FGVC_AIRCRAFT: variants.txt order. Checked: all 100 against CLIP's data/prompts.md and a public
@@ -151,7 +155,7 @@ OXFORD_FLOWERS = (
     "pelargonium", "bishop of llandaff", "gaura", "geranium", "orange dahlia", "pink-yellow dahlia",
     "cautleya spicata", "japanese anemone", "black-eyed susan", "silverbush", "californian poppy",
     "osteospermum", "spring crocus", "bearded iris", "windflower", "tree poppy", "gazania",
-    "azalea", "water lily", "rose", "thorn apple", "morning glory", "passion flower", "lotus lotus",
+    "azalea", "water lily", "rose", "thorn apple", "morning glory", "passion flower", "lotus",
     "toad lily", "anthurium", "frangipani", "clematis", "hibiscus", "columbine", "desert-rose",
     "tree mallow", "magnolia", "cyclamen", "watercress", "canna lily", "hippeastrum", "bee balm",
     "ball moss", "foxglove", "bougainvillea", "camellia", "mallow", "mexican petunia", "bromelia",

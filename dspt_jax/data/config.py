@@ -35,11 +35,20 @@ def default_data_config() -> ml_collections.ConfigDict:
             "augment": True,
             # Area range of the random resized crop (CoOp/Dassl default (0.08, 1.0)).
             "crop_scale": (0.08, 1.0),
-            # CoOp's split_zhou_<Name>.json: train/val/test become exactly CoOp's.
-            "split_file": config_dict.placeholder(str),
+            # CoOp's split_zhou_<Name>.json: train/val/test become exactly CoOp's. "auto": CoOp's file where
+            # CoOp's layout puts it, <coop_root>/<dataset folder>/split_zhou_<Name>.json, when it exists (with
+            # CoOp's image folder beside it, when data.folder is unset); else the dataset's own splits.
+            # None: never a split file.
+            "split_file": "auto",
+            # CoOp's data root ($DATA in CoOp's DATASETS.md) where split_file="auto" looks; None: the
+            # environment variable DATA.
+            "coop_root": config_dict.placeholder(str),
             # Image root: CoOp's image folder (with split_file), your own class folders (name="folder"),
             # the Food-101N root (name="food101n"), or the base of relative CSV paths (name="csv").
             "folder": config_dict.placeholder(str),
+            # How logs, results.json and sweep tables name your own data (name="folder" / "csv"); None: the
+            # folder's name / the CSV's file name without extension.
+            "display_name": config_dict.placeholder(str),
             # CSV of path,label[,clean_label][,split] for your own data with its own noisy labels.
             "csv": config_dict.placeholder(str),
             # Noisy label column of CIFAR-10N / CIFAR-100N (e.g. "worse_label", "aggre_label",

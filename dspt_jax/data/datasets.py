@@ -51,8 +51,8 @@ _EUROSAT_RENAME = {
     "SeaLake": "Sea or Lake",
 }
 
-# tfds' flower names differ from cat_to_name.json (CoOp's source) in exactly two classes.
-_FLOWERS_RENAME = {"pink-yellow dahlia?": "pink-yellow dahlia", "lotus": "lotus lotus"}
+# tfds' flower names differ from CoOp's (split_zhou_OxfordFlowers.json / cat_to_name.json) in one class.
+_FLOWERS_RENAME = {"pink-yellow dahlia?": "pink-yellow dahlia"}
 
 
 def _spaces(name: str) -> str:
@@ -167,6 +167,8 @@ class DatasetInfo:
       real_noise: the data ship noisy labels (train on them with noise.kind="real").
       arrays: in-memory splits {"train", "test"[, "val"]} for kind "arrays".
       rename_rule: whose CoOp rename rule ``rename`` applies (default: this entry's name).
+      tfds_test_is_coops: without CoOp's split file, the test images are CoOp's too (False where CoOp
+        carves its own 50/20/30 split or tfds' test split differs: numbers are then not comparable).
     """
 
     name: str
@@ -188,6 +190,7 @@ class DatasetInfo:
     real_noise: bool = False
     arrays: Mapping[str, ArraySplit] | None = None
     rename_rule: str | None = None
+    tfds_test_is_coops: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -239,22 +242,13 @@ class DatasetInfo:
         return out
 
 
-def _tfds_prepare(tfds_name: str, manual: str = "") -> str:
-    base = tfds_name.split("/")[0]
-    cmd = f"tfds build {tfds_name} --data_dir={{data_dir}}"
+def _prepare_command(name: str, manual: str = "") -> str:
+    """The command that prepares dataset ``name`` (``dspt_jax.data.prepare``); "{data_dir}" is filled in."""
+    cmd = f"python -m dspt_jax.data.prepare {name} --data_dir={{data_dir}}"
     if manual:
-        cmd += f" --manual_dir={manual}"
-    return (
-        f"{cmd}\n(run it where the files can be downloaded, then copy the folder "
-        f"'{base}' into {{data_dir}})"
-    )
-
-
-def _local_prepare(name: str, coop_dir: str) -> str:
-    return (
-        f"python -m dspt_jax.data.prepare {name} --manual_dir=$DATA/{coop_dir} --data_dir={{data_dir}}\n"
-        f"($DATA/{coop_dir} laid out as in CoOp's DATASETS.md; see docs/DATA.md)"
-    )
+        return f"{cmd} --manual_dir={manual}"
+    return (f"{cmd}\n(it downloads the files: without network here, run it on a machine with internet and "
+            f"copy the prepared folder into {{data_dir}})")
 
 
 def _coop(name, classnames, template, tfds_name, *, coop_dir, coop_image_dir, coop_split_file,
@@ -267,7 +261,7 @@ def _coop(name, classnames, template, tfds_name, *, coop_dir, coop_image_dir, co
         coop_dir=coop_dir,
         coop_image_dir=coop_image_dir,
         coop_split_file=coop_split_file,
-        prepare=prepare if prepare is not None else _tfds_prepare(tfds_name),
+        prepare=prepare if prepare is not None else _prepare_command(name),
         **kw,
     )
 
@@ -279,7 +273,7 @@ def _builtin() -> list[DatasetInfo]:
     return [
         _coop("caltech101", cn.CALTECH101, "a photo of a {}.", "caltech101",
               coop_dir="caltech-101", coop_image_dir="101_ObjectCategories",
-              coop_split_file="split_zhou_Caltech101.json",
+              coop_split_file="split_zhou_Caltech101.json", tfds_test_is_coops=False,
               file_feature="image/file_name", file_key="{label}/{file}"),
         _coop("oxford_pets", cn.OXFORD_PETS, "a photo of a {}, a type of pet.", "oxford_iiit_pet",
               coop_dir="oxford_pets", coop_image_dir="images",
@@ -292,59 +286,59 @@ def _builtin() -> list[DatasetInfo]:
         _coop("oxford_flowers", cn.OXFORD_FLOWERS, "a photo of a {}, a type of flower.",
               "oxford_flowers102", val_split="validation",
               coop_dir="oxford_flowers", coop_image_dir="jpg",
-              coop_split_file="split_zhou_OxfordFlowers.json",
+              coop_split_file="split_zhou_OxfordFlowers.json", tfds_test_is_coops=False,
               file_feature="file_name", file_key="{file}"),
         # tfds food101 keeps no file names: CoOp's split file needs CoOp's folder (data.folder).
         _coop("food101", cn.FOOD101, "a photo of {}, a type of food.", "food101",
               test_split="validation", coop_dir="food-101", coop_image_dir="images",
-              coop_split_file="split_zhou_Food101.json"),
+              coop_split_file="split_zhou_Food101.json", tfds_test_is_coops=False),
         # tfds has no FGVC-Aircraft: a local tfds builder over CoOp's folder (builders.py).
         _coop("fgvc_aircraft", cn.FGVC_AIRCRAFT, "a photo of a {}, a type of aircraft.",
               "coop_fgvc_aircraft", val_split="val", label_rule="identity",
               coop_dir="fgvc_aircraft", coop_image_dir="images", coop_split_file=None,
               file_feature="file_name", file_key="{file}",
-              prepare=_local_prepare("fgvc_aircraft", "fgvc_aircraft")),
+              prepare=_prepare_command("fgvc_aircraft", "$DATA/fgvc_aircraft")),
         # Partition 1 of the standard SUN397 partitions is CoOp's source (Training_01/Testing_01).
         _coop("sun397", cn.SUN397, "a photo of a {}.", "sun397/standard-part1-120k",
               coop_dir="sun397", coop_image_dir="SUN397", coop_split_file="split_zhou_SUN397.json",
               file_feature="file_name", file_key="{file}"),
         _coop("dtd", cn.DTD, "{} texture.", "dtd", val_split="validation",
               coop_dir="dtd", coop_image_dir="images",
-              coop_split_file="split_zhou_DescribableTextures.json",
+              coop_split_file="split_zhou_DescribableTextures.json", tfds_test_is_coops=False,
               file_feature="file_name", file_key="{file}"),
         # tfds eurosat has a train split only: without CoOp's split file, test is carved (50/20/30).
         _coop("eurosat", cn.EUROSAT, "a centered satellite photo of {}.", "eurosat/rgb",
               test_split=None, coop_dir="eurosat", coop_image_dir="2750",
-              coop_split_file="split_zhou_EuroSAT.json",
+              coop_split_file="split_zhou_EuroSAT.json", tfds_test_is_coops=False,
               file_feature="filename", file_key="{label}/{file}"),
         # tfds ucf101 is videos; CoOp uses middle frames: a local tfds builder (builders.py).
         _coop("ucf101", cn.UCF101, "a photo of a person doing {}.", "coop_ucf101",
               label_rule="identity", coop_dir="ucf101", coop_image_dir="UCF-101-midframes",
               coop_split_file="split_zhou_UCF101.json",
               file_feature="file_name", file_key="{file}",
-              prepare=_local_prepare("ucf101", "ucf101")),
+              prepare=_prepare_command("ucf101", "$DATA/ucf101")),
         # CoOp evaluates ImageNet on its validation set (and has no split file).
         _coop("imagenet", cn.IMAGENET, "a photo of a {}.", "imagenet2012", test_split="validation",
               label_rule="sorted", coop_dir="imagenet", coop_image_dir="images",
               coop_split_file=None,
-              prepare=_tfds_prepare("imagenet2012", "<dir with ILSVRC2012_img_train.tar and "
-                                    "ILSVRC2012_img_val.tar>")),
+              prepare=_prepare_command("imagenet", "<dir with ILSVRC2012_img_train.tar and "
+                                       "ILSVRC2012_img_val.tar>")),
         # Real label noise. CIFAR-N: the noisy column is a config choice (data.label_column).
         DatasetInfo(
             name="cifar10n", classnames=cn.CIFAR10, tfds_name="cifar10_n", label_rule="identity",
             noisy_columns=("worse_label", "aggre_label", "random_label1", "random_label2",
                            "random_label3"),
             real_noise=True,
-            prepare=_tfds_prepare("cifar10_n", "<dir with CIFAR-10_human_annotations.csv>")),
+            prepare=_prepare_command("cifar10n", "<dir with CIFAR-10_human_annotations.csv>")),
         DatasetInfo(
             name="cifar100n", classnames=cn.CIFAR100, tfds_name="cifar100_n", label_rule="identity",
             noisy_columns=("noise_label",), real_noise=True,
-            prepare=_tfds_prepare("cifar100_n", "<dir with CIFAR-100_human_annotations.csv>")),
+            prepare=_prepare_command("cifar100n", "<dir with CIFAR-100_human_annotations.csv>")),
         # Food-101N: train = its class folders (data.folder), test = Food-101's test (tfds food101).
         DatasetInfo(
             name="food101n", classnames=cn.FOOD101, template="a photo of {}, a type of food.",
             kind="food101n", tfds_name="food101", test_split="validation", real_noise=True,
-            rename_rule="food101", prepare=_tfds_prepare("food101")),
+            rename_rule="food101", prepare=_prepare_command("food101")),
     ]
 
 

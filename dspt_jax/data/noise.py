@@ -2,13 +2,15 @@
 
 Pure numpy; this module must import without TensorFlow (the pipeline imports it, the tests import it
 alone). Every family is named explicitly because the papers we compare with each corrupt labels
-differently (see DESIGN.md section 3):
+differently (rules and sources in docs/PROTOCOLS.md, section 3):
 
 * ``sym``      exactly ``int(rate * N)`` examples, picked by a seeded permutation, get a label drawn
-               uniformly from the *other* K-1 classes (NLPrompt).
-* ``asym``     same selection; label c becomes (c + 1) % K (NLPrompt's "pair" noise).
-* ``sym_incl`` same selection; the new label is uniform over *all* K classes, so it may keep the
-               true one (DivideMix / DeFT style). ``flipped`` marks only real changes.
+               uniformly from the *other* K-1 classes, so all of them change (NLPrompt).
+* ``asym``     same selection; label c becomes (c + 1) % K, so all of them change (NLPrompt's "pair"
+               noise).
+* ``sym_incl`` same selection of ``int(rate * N)`` examples; the new label is uniform over *all* K
+               classes, so about 1/K of them keep the true one and about ``rate * N * (K-1) / K``
+               labels change (DivideMix / DeFT style). ``flipped`` marks only real changes.
 * ``symflip``, ``pairflip``  act while sampling (they pick images of other classes), see
                :func:`dspt_jax.data.fewshot.sample_per_class_flips`.
 * ``matrix``   each label c becomes j with probability T[c, j] for a user-given row-stochastic T.
@@ -161,7 +163,10 @@ def corrupt_labels(
 
     Exactly ``n = int(rate * N)`` positions are selected: the first n of a seeded permutation of
     range(N). Because the permutation is the first draw of the stream, the selected set for a lower
-    rate is contained in the set for a higher rate with the same seed (noise levels are nested).
+    rate is contained in the set for a higher rate with the same seed (noise levels are nested), and
+    the three kinds select the same positions. ``sym`` and ``asym`` change every selected label;
+    ``sym_incl`` redraws each over all K classes, so a selected label stays unchanged with
+    probability 1/K and fewer than n labels may change.
 
     Args:
       labels: int [N] clean labels in [0, num_classes).
@@ -171,7 +176,8 @@ def corrupt_labels(
       seed: integer >= 0 (0 is a seed like any other).
 
     Returns:
-      (noisy int64 [N], flipped bool [N]) with ``flipped == (noisy != labels)``.
+      (noisy int64 [N], flipped bool [N]) with ``flipped == (noisy != labels)``: n True for ``sym``
+      and ``asym``, at most n for ``sym_incl``.
     """
     clean = as_label_array(labels)
     num_classes = resolve_num_classes(clean, num_classes)
@@ -201,7 +207,7 @@ def corrupt_labels(
         noisy[chosen] = (clean[chosen] + offset) % num_classes
     elif kind == "asym":
         noisy[chosen] = (clean[chosen] + 1) % num_classes
-    else:  # sym_incl
+    else:  # sym_incl: over all K classes, so a redrawn label may equal the true one
         noisy[chosen] = rng.integers(0, num_classes, size=chosen.size)
     return noisy, noisy != clean
 

@@ -8,8 +8,9 @@ shard, so every host draws the same set) and writes the noise record into the wo
   image        float32 [b, S, S, 3], CLIP-normalized
   label        int32 [b]   training label (noisy for the training set), the dataset's label otherwise
   clean_label  int32 [b]   true label, -1 where unknown
-  id           int64 [b]   stable example id (-1 on padding rows)
-  mask         bool  [b]   False on padding rows (evaluation only pads)
+  id           int64 [b]   stable example id (-1 on evaluation padding rows)
+  mask         bool  [b]   False on padding rows (evaluation pads its last batch; training pads a
+                           training set smaller than the batch up to a multiple of the devices)
   flipped      bool  [b]   train only: label != clean_label
 
 Preprocessing follows CLIP / CoOp: evaluation resizes the shorter side to S (bicubic) and takes the
@@ -170,6 +171,8 @@ class Task:
       train_pool: every training example the selection was drawn from.
       record, record_path: the noise record (and where it was written, if a workdir was given).
       image_size, augment, crop_scale: preprocessing defaults from the config.
+      splits, test_as_coop: which splits were used, in words, and whether the test set is the one of
+        CoOp's protocol (False: numbers are not comparable with CoOp-protocol tables; None: not CoOp data).
     """
 
     name: str
@@ -188,6 +191,8 @@ class Task:
     image_size: int
     augment: bool
     crop_scale: tuple[float, float]
+    splits: str = ""
+    test_as_coop: bool | None = None
     _payloads: list | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -289,6 +294,12 @@ def _write_record(record: dict, workdir: str, process_index: int) -> str:
     return path
 
 
+def check_data(cfg: Any = None) -> None:
+    """Raises, without reading any data, what ``load_task(cfg)`` would raise for data that is not there
+    (an unprepared tfds dataset, a missing folder, split file or CSV)."""
+    sources.check_available(data_config(cfg))
+
+
 def load_task(cfg: Any = None, workdir: str | None = None, *, process_index: int = 0) -> Task:
     """Reads the dataset of ``cfg`` (the data config), draws the training set, records its labels.
 
@@ -322,7 +333,7 @@ def load_task(cfg: Any = None, workdir: str | None = None, *, process_index: int
         template=src.template, num_classes=len(src.classnames), real_noise=src.real_noise,
         selection=sel, train=train, val=val, test=src.test, train_pool=pool, record=record,
         record_path=path, image_size=cfg.image_size, augment=bool(cfg.augment),
-        crop_scale=tuple(float(x) for x in cfg.crop_scale),
+        crop_scale=tuple(float(x) for x in cfg.crop_scale), splits=src.splits, test_as_coop=src.test_as_coop,
     )
 
 
@@ -343,9 +354,10 @@ def _check_hosts(global_batch_size: int, process_index: int, process_count: int)
     return global_batch_size // process_count
 
 
-def steps_per_epoch(task: Task, global_batch_size: int) -> int:
-    """Full global batches per pass over the training set (the last partial batch is dropped)."""
-    return task.train_size // global_batch_size
+def steps_per_epoch(task: Task, global_batch_size: int, examples_per_step: int | None = None) -> int:
+    """Full global batches per pass over the training set (the last partial batch is dropped).
+    ``examples_per_step``: the real examples of a step when the batch is padded (see ``train_batches``)."""
+    return task.train_size // (examples_per_step or global_batch_size)
 
 
 def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
@@ -359,19 +371,30 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.with_options(opts)
 
 
-def _check_training_order(task: Task, global_batch_size, seed, start_step, process_index, process_count):
-    """Checks the arguments that fix the order of training examples; returns (rows per host, steps per
-    epoch)."""
+def _check_training_order(task: Task, global_batch_size, examples_per_step, seed, start_step, process_index,
+                          process_count):
+    """Checks the arguments that fix the order of training examples; returns (rows per host, real examples
+    per step, steps per epoch)."""
     local = _check_hosts(global_batch_size, process_index, process_count)
+    real = global_batch_size if examples_per_step is None else examples_per_step
+    if not isinstance(real, (int, np.integer)) or not 1 <= real <= global_batch_size:
+        raise ValueError(f"examples_per_step must be in [1, {global_batch_size}], got {examples_per_step!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if not isinstance(start_step, (int, np.integer)) or start_step < 0:
         raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
-    if task.train_size < global_batch_size:
-        raise ValueError(
-            f"the training set has {task.train_size} examples, fewer than global_batch_size={global_batch_size}"
-        )
-    return local, task.train_size // global_batch_size
+    if task.train_size < real:
+        raise ValueError(f"the training set has {task.train_size} examples, fewer than {real} per step")
+    return local, int(real), task.train_size // real
+
+
+def _step_rows(perm: np.ndarray, j: int, real: int, first_row: int, local: int):
+    """This host's rows of step ``j`` of an epoch ordered by ``perm``: (example positions, global positions,
+    mask). Global positions >= ``real`` pad the batch to a multiple of the devices: they repeat the step's
+    last example and are masked out of the loss, so the examples seen do not depend on the device count."""
+    positions = first_row + np.arange(local, dtype=np.int64)
+    ks = perm[j * real : (j + 1) * real][np.minimum(positions, real - 1)]
+    return ks, positions, positions < real
 
 
 def train_batches(
@@ -384,15 +407,18 @@ def train_batches(
     process_index: int = 0,
     process_count: int = 1,
     image_size: int | None = None,
+    examples_per_step: int | None = None,
 ) -> Iterator[dict]:
     """Endless training batches from step ``start_step`` on; this host's rows of each global batch.
 
-    Global batch ``s`` holds rows ``(s % E) * B ... + B`` of ``epoch_permutation(seed, s // E)``
-    (E = ``steps_per_epoch``, the remainder of each epoch is dropped); host p yields its rows
-    ``p * B/P ... (p + 1) * B/P``. ``augment`` None takes the config's setting.
+    Global batch ``s`` holds rows ``(s % E) * N ... + N`` of ``epoch_permutation(seed, s // E)``
+    (N = ``examples_per_step``, default the global batch B; E = ``steps_per_epoch``, the remainder of each
+    epoch is dropped), then B - N padding rows with ``mask`` False (a training set smaller than the batch,
+    padded to a multiple of the devices); host p yields rows ``p * B/P ... (p + 1) * B/P``. Example k of a
+    step is augmented with the seed (seed, s * N + k) whatever B is. ``augment`` None takes the config's.
     """
-    local, per_epoch = _check_training_order(task, global_batch_size, seed, start_step, process_index,
-                                             process_count)
+    local, real, per_epoch = _check_training_order(task, global_batch_size, examples_per_step, seed, start_step,
+                                                   process_index, process_count)
     m = task.train_size
     augment = task.augment if augment is None else bool(augment)
     size = image_size or task.image_size
@@ -412,14 +438,14 @@ def train_batches(
             e, j = divmod(step, per_epoch)
             if e != epoch:
                 epoch, perm = e, epoch_permutation(seed, e, m)
-            ks = perm[j * global_batch_size :][first_row : first_row + local]
-            rows = step * global_batch_size + first_row + np.arange(local, dtype=np.int64)  # seeds augmentation
+            ks, positions, mask = _step_rows(perm, j, real, first_row, local)
+            rows = step * real + positions  # seeds augmentation
             if spec.dtype == tf.string:
                 batch_payloads = np.array([payloads[k] for k in ks], dtype=object)
             else:
                 batch_payloads = np.stack([payloads[k] for k in ks])
             yield (rows, batch_payloads, labels[ks].astype(np.int64), clean[ks].astype(np.int64),
-                   ids[ks].astype(np.int64), flipped[ks].astype(bool))
+                   ids[ks].astype(np.int64), flipped[ks].astype(bool), mask)
             step += 1
 
     signature = (
@@ -428,6 +454,7 @@ def train_batches(
         tf.TensorSpec([local], tf.int64),
         tf.TensorSpec([local], tf.int64),
         tf.TensorSpec([local], tf.int64),
+        tf.TensorSpec([local], tf.bool),
         tf.TensorSpec([local], tf.bool),
     )
     to_image = ex.pool.to_image
@@ -439,7 +466,7 @@ def train_batches(
             return train_image(image, size, tf.stack([tf.constant(int(seed), tf.int64), row]), scale)
         return eval_image(image, size)
 
-    def prepare(rows, payloads, label, clean_label, example_id, flip):
+    def prepare(rows, payloads, label, clean_label, example_id, flip, mask):
         # One tf.data element per step, its rows transformed inside one graph (the same per-row ops and
         # seeds as one element per row, bit for bit): 1.36x the images/s on the demo's 32 px images,
         # where per-element overhead made training wait for input.
@@ -454,7 +481,7 @@ def train_batches(
             "label": tf.cast(label, tf.int32),
             "clean_label": tf.cast(clean_label, tf.int32),
             "id": example_id,
-            "mask": tf.ones([local], tf.bool),
+            "mask": mask,
             "flipped": flip,
         }
 
@@ -478,6 +505,7 @@ def train_feature_batches(
     start_step: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    examples_per_step: int | None = None,
 ) -> Iterator[dict]:
     """``train_batches`` over precomputed image features instead of images (no TensorFlow involved).
 
@@ -487,8 +515,8 @@ def train_feature_batches(
     epoch, so every epoch sees one view of each image, drawn afresh. Yields ``image_features`` in place
     of ``image``; the other fields as ``train_batches``.
     """
-    local, per_epoch = _check_training_order(task, global_batch_size, seed, start_step, process_index,
-                                             process_count)
+    local, real, per_epoch = _check_training_order(task, global_batch_size, examples_per_step, seed, start_step,
+                                                   process_index, process_count)
     m = task.train_size
     if features.ndim != 3 or features.shape[1] != m:
         raise ValueError(f"features must be [views, {m}, dim], got {features.shape}")
@@ -502,13 +530,13 @@ def train_feature_batches(
             if e != epoch:
                 epoch, perm = e, epoch_permutation(seed, e, m)
                 views = view_draws(seed, e, m, features.shape[0])
-            ks = perm[j * global_batch_size :][first_row : first_row + local]
+            ks, _, mask = _step_rows(perm, j, real, first_row, local)
             yield {
                 "image_features": features[views[ks], ks],
                 "label": ex.labels[ks].astype(np.int32),
                 "clean_label": ex.clean[ks].astype(np.int32),
                 "id": ex.ids[ks].astype(np.int64),
-                "mask": np.ones(local, bool),
+                "mask": mask,
                 "flipped": task.flipped[ks].astype(bool),
             }
             step += 1

@@ -255,6 +255,10 @@ class SourceData:
     train: Examples
     val: Examples | None
     test: Examples
+    # Which splits these are, in words (set by `load_source`), and whether the test set is the one of
+    # CoOp's protocol (None: data CoOp never used, e.g. your own folder).
+    splits: str = ""
+    test_as_coop: bool | None = None
 
 
 def coop_carve(labels: np.ndarray, num_classes: int, seed: int) -> tuple[np.ndarray, ...]:
@@ -301,17 +305,17 @@ def tfds_builder(info: ds_lib.DatasetInfo, cfg: Any, tfds_name: str | None = Non
     builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
         return builder
-    if cfg.get("download"):
-        manual = cfg.get("folder")
-        dl = tfds.download.DownloadConfig(manual_dir=manual) if manual else None
-        builder.download_and_prepare(download_config=dl)
-        return builder
+    if cfg.get("download"):  # fails within seconds without network, with the command to run elsewhere
+        from dspt_jax.data import prepare
+
+        return prepare.prepare_builder(info.name, builder, cfg.get("folder"))
     how = info.prepare.format(data_dir=data_dir)
     coop = ""
     if info.coop_split_file:
         coop = (
-            f"\nOr use CoOp's own files, without tfds: set data.folder=$DATA/{info.coop_dir}/"
-            f"{info.coop_image_dir} and data.split_file=$DATA/{info.coop_dir}/{info.coop_split_file}."
+            f"\nOr use CoOp's own files, without tfds: $DATA/{info.coop_dir}/{info.coop_split_file} and "
+            f"$DATA/{info.coop_dir}/{info.coop_image_dir} are found with DATA set (or data.coop_root=$DATA), "
+            f"or set data.folder and data.split_file to them."
         )
     raise DatasetNotPreparedError(
         f"Dataset '{info.name}' (tfds '{name}') is not prepared: expected it in "
@@ -498,8 +502,13 @@ def _split_file_names(info: ds_lib.DatasetInfo | None, path: str) -> tuple[dict,
         if sorted(names) != list(range(k)) or k < 2:
             raise ValueError(f"{path}: labels must be 0..K-1 (K >= 2) when the dataset is not registered")
         return entries, tuple(names[i] for i in range(k))
-    if names and max(names) >= info.num_classes:
-        raise ValueError(f"{path}: label {max(names)} outside the {info.num_classes} classes of {info.name}")
+    if sorted(names) != list(range(info.num_classes)):
+        # Training the registry's classes on a file of other classes would make up names for the rest.
+        raise ValueError(
+            f"{path} has {len(names)} classes (labels {min(names, default=None)}..{max(names, default=None)}), "
+            f"{info.name} has {info.num_classes}: it is not {info.name}'s split file. To train the file's own "
+            "classes, use data.name='folder' with data.folder (the image root) and this data.split_file."
+        )
     diff = [(y, c, info.classnames[y]) for y, c in sorted(names.items()) if c != info.classnames[y]]
     if diff:
         # CoOp takes its prompts from the split file, so the file's names win.
@@ -738,9 +747,83 @@ def _array_source(info) -> SourceData:
                       out["train"], out.get("val"), out["test"])
 
 
-def load_source(cfg: Any) -> SourceData:
-    """The dataset named by ``cfg.name`` (registry entry or your own data), labels read."""
+def coop_files(info: ds_lib.DatasetInfo, cfg: Any) -> tuple[str | None, str | None]:
+    """(split file, image folder) of CoOp's layout for ``info`` under ``data.coop_root`` (default: the
+    environment variable DATA, CoOp's ``$DATA``): ``<root>/<coop_dir>/<coop_split_file>`` and
+    ``<root>/<coop_dir>/<coop_image_dir>``, each None when absent."""
+    root = cfg.get("coop_root") or os.environ.get("DATA")
+    if not root or not info.coop_split_file:
+        return None, None
+    base = os.path.join(os.path.expanduser(root), info.coop_dir)
+    split_file = os.path.join(base, info.coop_split_file)
+    folder = os.path.join(base, info.coop_image_dir)
+    return (split_file if os.path.isfile(split_file) else None), (folder if os.path.isdir(folder) else None)
+
+
+def _resolve_split_file(info: ds_lib.DatasetInfo | None, cfg: Any) -> Any:
+    """``cfg`` with ``split_file="auto"`` resolved: CoOp's split file where docs/DATA.md says it lives
+    (``coop_files``), its image folder too when ``data.folder`` is unset and the folder exists (CoOp's
+    own files, no tfds needed); None when there is none (the source's own splits)."""
+    if cfg.get("split_file") != "auto":
+        return cfg
+    cfg = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else dict(cfg)
+    split_file, folder = coop_files(info, cfg) if info is not None and info.kind == "tfds" else (None, None)
+    cfg["split_file"] = split_file
+    if split_file and folder and not cfg.get("folder"):
+        cfg["folder"] = folder
+    return cfg
+
+
+def _describe_splits(src: SourceData, info: ds_lib.DatasetInfo | None, cfg: Any) -> SourceData:
+    """``src`` with ``splits`` (in words) and ``test_as_coop`` set."""
+    split_file, folder = cfg.get("split_file"), cfg.get("folder")
+    if info is None or info.kind in ("arrays", "food101n"):
+        what = {"folder": f"the folder {folder}", "csv": f"the CSV {cfg.get('csv')}"}.get(src.name, src.name)
+        splits = f"split file {split_file} over {folder}" if split_file else f"the splits of {what}"
+        return dataclasses.replace(src, splits=splits, test_as_coop=None)
+    if split_file:
+        where = f"images from {folder}" if folder else f"matched to tfds '{info.tfds_name}' by file name"
+        return dataclasses.replace(src, splits=f"CoOp's split file {split_file} ({where})", test_as_coop=True)
+    return dataclasses.replace(src, splits=f"tfds '{info.tfds_name}' splits", test_as_coop=info.tfds_test_is_coops)
+
+
+def check_available(cfg: Any) -> None:
+    """Raises what ``load_source(cfg)`` would raise for missing data (a folder, a file, an unprepared tfds
+    dataset), without reading any label table: the trainer's up-front check."""
     name = ds_lib.canonical_name(cfg.name)
+    info = None if name in ("folder", "csv") else ds_lib.get_dataset_info(name)
+    cfg = _resolve_split_file(info, cfg)
+    if cfg.get("split_file") and not os.path.isfile(os.path.expanduser(cfg.split_file)):
+        raise FileNotFoundError(f"split file {cfg.split_file} does not exist")
+    if name == "csv":
+        if not cfg.get("csv") or not os.path.isfile(os.path.expanduser(cfg.csv)):
+            raise FileNotFoundError(f"data.csv {cfg.get('csv')} does not exist")
+        return
+    if name == "folder" or (info.kind == "tfds" and cfg.get("split_file") and cfg.get("folder")):
+        _require_dir(cfg.get("folder"), name)
+        return
+    if info.kind == "arrays" or (info.kind == "tfds" and cfg.get("folder") and not cfg.get("download")):
+        return  # in memory; or a folder without a split file, which load_source refuses with the reason
+    if info.kind == "food101n":
+        _require_dir(cfg.get("folder"), "food101n")
+    if not cfg.get("download"):
+        tfds_builder(info, cfg)
+
+
+def load_source(cfg: Any) -> SourceData:
+    """The dataset named by ``cfg.name`` (registry entry or your own data), labels read; its ``splits``
+    say which splits were used."""
+    name = ds_lib.canonical_name(cfg.name)
+    info = None if name in ("folder", "csv") else ds_lib.get_dataset_info(name)
+    cfg = _resolve_split_file(info, cfg)
+    src = _describe_splits(_load_source(name, info, cfg), info, cfg)
+    if info is None:  # two different folders (or CSVs) must not share the name "folder" in results tables
+        path = os.path.normpath(os.path.expanduser(cfg.folder if name == "folder" else cfg.csv))
+        src = dataclasses.replace(src, name=cfg.get("display_name") or _stem(path))
+    return src
+
+
+def _load_source(name: str, info: ds_lib.DatasetInfo | None, cfg: Any) -> SourceData:
     if name == "folder":
         if cfg.get("split_file"):
             return _split_file_folder_source(None, cfg, "folder")
@@ -749,7 +832,6 @@ def load_source(cfg: Any) -> SourceData:
         if not cfg.get("csv"):
             raise ValueError("name='csv' needs data.csv (a CSV of path,label[,clean_label][,split])")
         return _csv_source(cfg)
-    info = ds_lib.get_dataset_info(name)
     if cfg.get("csv"):
         raise ValueError(f"data.csv is only used with name='csv', got name={name!r}")
     if info.kind == "arrays":

@@ -286,6 +286,30 @@ def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> 
     raise CheckpointNotFoundError(_download_instructions(repo_id, why))
 
 
+def check_source(source: str, *, revision: str | None = None, cache_dir: str | None = None) -> None:
+    """Raises what `load_clip(source)` would raise for a missing or unknown checkpoint, without reading
+    weights (the trainer checks the model and the data before any work, and reports both). A hub id is
+    looked up in the local cache (fetched when the hub is reachable); "synthetic" is always available
+    (pretrained on first use)."""
+    if source == "synthetic" or source.startswith("synthetic:"):
+        return
+    if source.startswith("random:"):
+        if source.split(":", 1)[1] not in PRESETS:
+            raise ValueError(f"Unknown preset in {source!r}; known: {sorted(PRESETS)}")
+        return
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            raise FileNotFoundError(f"{source} has no config.json (a transformers CLIPConfig).")
+        if not any(os.path.isfile(os.path.join(source, f)) for f in (*WEIGHT_FILES, _SAFETENSORS_INDEX)):
+            raise FileNotFoundError(f"No weights in {source}: expected one of {', '.join(WEIGHT_FILES)}.")
+        return
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise FileNotFoundError(
+            f"{source!r} is neither a local directory nor a hub id like 'openai/clip-vit-base-patch16'."
+        )
+    _hub_snapshot(source, revision, cache_dir)
+
+
 def load_clip(
     source: str, *, dtype=jnp.float32, revision: str | None = None, cache_dir: str | None = None
 ) -> CLIP:

@@ -120,6 +120,66 @@ def build_prompt_spec(
     )
 
 
+CTX_INIT_MODES = ("coop", "pad")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextLayout:
+    """How the learned context is laid out: its length, whether each class has its own, and the token ids
+    of the words it starts from (empty: random N(0, 0.02) init). `notes`: where it departs from the config
+    as written (for the run's log)."""
+
+    n_ctx: int
+    csc: bool
+    init_ids: tuple[int, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def context_layout(n_ctx: int, csc: bool, ctx_init: str = "", mode: str = "coop") -> ContextLayout:
+    """The context of `config.prompt` (n_ctx, csc, ctx_init, ctx_init_mode), resolved.
+
+    Without `ctx_init`: n_ctx random vectors, class-specific with `csc`. With it:
+      coop (CoOp's PromptLearner): the context is exactly the init's tokens (n_ctx becomes their count) and is
+        shared; `csc` is ignored, since CoOp has no class-specific context with word init.
+      pad: n_ctx vectors (at least the init's token count); the words start the last slots, the others
+        random, so that with the class token at the end the prompt reads "... a photo of a {class}.";
+        `csc` gives every class its own copy.
+    CoOp counts the words (split at spaces) and takes that many tokens; here every token of the init is
+    learned. The two agree whenever each word is one token ("a photo of a"); a note says when they do not.
+    """
+    if mode not in CTX_INIT_MODES:
+        raise ValueError(f"config.prompt.ctx_init_mode must be one of {CTX_INIT_MODES}, got {mode!r}")
+    if n_ctx < 1:
+        raise ValueError(f"config.prompt.n_ctx must be >= 1, got {n_ctx}")
+    if not ctx_init:
+        return ContextLayout(n_ctx, bool(csc))
+    text = ctx_init.replace("_", " ")
+    ids = tuple(tok_lib.get_tokenizer().encode(text))
+    if not ids:
+        raise ValueError(f"config.prompt.ctx_init={ctx_init!r} has no tokens")
+    notes = []
+    words = len(text.split())
+    if words != len(ids):
+        notes.append(
+            f"ctx_init {ctx_init!r} is {words} words but {len(ids)} tokens: all {len(ids)} tokens are learned "
+            f"(CoOp would learn the first {words} and keep the rest as fixed text)"
+        )
+    if mode == "coop":
+        if n_ctx != len(ids):
+            notes.append(f"ctx_init {ctx_init!r} sets the context length to its {len(ids)} tokens (n_ctx={n_ctx} "
+                         "applies to random init), as CoOp")
+        if csc:
+            notes.append("csc is ignored with ctx_init, as CoOp: the context is shared "
+                         "(ctx_init_mode='pad' gives class-specific copies)")
+        return ContextLayout(len(ids), False, ids, tuple(notes))
+    if len(ids) > n_ctx:
+        raise ValueError(
+            f"config.prompt.ctx_init={ctx_init!r} is {len(ids)} tokens, more than config.prompt.n_ctx={n_ctx} "
+            "allows with ctx_init_mode='pad'; raise n_ctx or shorten ctx_init."
+        )
+    return ContextLayout(n_ctx, bool(csc), ids, tuple(notes))
+
+
 def init_context(
     rng: jax.Array,
     spec: PromptSpec,
@@ -131,8 +191,8 @@ def init_context(
     """The trainable prompt params: {"ctx": [n_ctx, D]} (shared) or [K, n_ctx, D] (class-specific, `csc`).
 
     Random N(0, 0.02) as CoOp, or, with `init_embeddings` [t, D] (token embeddings of e.g. "a photo of a",
-    t <= n_ctx), the last t slots start from those words (the first n_ctx - t stay random), so that with the
-    class token at the end the prompt starts out as the sentence "... a photo of a {class}.".
+    t <= n_ctx), the last t slots start from those words (the first n_ctx - t stay random; none with
+    CoOp's layout, where t = n_ctx).
     """
     shape = (spec.num_classes, spec.n_ctx, embed_dim) if csc else (spec.n_ctx, embed_dim)
     ctx = 0.02 * jax.random.normal(rng, shape, jnp.float32)
@@ -144,17 +204,11 @@ def init_context(
     return {"ctx": ctx}
 
 
-def ctx_init_embeddings(clip, ctx_init: str, n_ctx: int) -> np.ndarray:
-    """Token embeddings [t, D] of the words of `ctx_init` (no start/end tokens); errors if t > n_ctx."""
-    ids = tok_lib.get_tokenizer().encode(ctx_init.replace("_", " "))
-    if not ids:
-        raise ValueError(f"ctx_init {ctx_init!r} has no tokens")
-    if len(ids) > n_ctx:
-        raise ValueError(
-            f"ctx_init {ctx_init!r} is {len(ids)} tokens but n_ctx={n_ctx} allows at most "
-            f"{n_ctx}; raise n_ctx or shorten ctx_init."
-        )
-    return np.asarray(clip.token_embeddings(np.asarray([ids], np.int32))[0])
+def init_embeddings(clip, layout: ContextLayout) -> np.ndarray | None:
+    """Token embeddings [t, D] of the layout's init words (no start/end tokens), None for random init."""
+    if not layout.init_ids:
+        return None
+    return np.asarray(clip.token_embeddings(np.asarray([layout.init_ids], np.int32))[0])
 
 
 def assemble(frozen_embeds: jax.Array, ctx: jax.Array, ctx_positions: jax.Array) -> jax.Array:
