@@ -122,10 +122,13 @@ def check_inputs(config: ml_collections.ConfigDict, check_model: bool = True) ->
         try:
             loading.check_source(config.model.source)
         except FileNotFoundError as e:
-            problems.append(f"Model {config.model.source!r}: {e}")
+            problems.append(
+                f"Model {config.model.source!r}: {e}\n(On the command line a local copy is "
+                "--config.model.source=<its folder>.)"
+            )
     try:
         pipeline.check_data(data_config(config))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ConnectionError) as e:  # not prepared, or cannot be prepared here
         problems.append(f"Dataset {config.data.name!r}: {e}")
     if problems:
         raise InputsNotFoundError(

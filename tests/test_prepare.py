@@ -95,6 +95,8 @@ def test_command_line_and_trainer_download_fail_fast_offline(tmp_path, monkeypat
     assert "copy D/dtd" in err
     with pytest.raises(prepare.NoNetworkError, match="prepare dtd"):
         pipeline.load_task({"name": "dtd", "data_dir": str(tmp_path), "download": True, "split_file": None})
+    with pytest.raises(prepare.NoNetworkError, match="prepare dtd"):  # the trainer's up-front check
+        pipeline.check_data({"name": "dtd", "data_dir": str(tmp_path), "download": True, "split_file": None})
     assert time.time() - start < 10
     assert prepare.main(["imagenet", f"--data_dir={tmp_path}"]) == 1  # manual: says what to download
     assert "ILSVRC2012_img_train.tar" in capsys.readouterr().err

@@ -24,11 +24,11 @@ from urllib.parse import urlparse
 from dspt_jax.data import datasets as ds_lib
 
 
-class NoNetworkError(RuntimeError):
+class NoNetworkError(ConnectionError):
     """The dataset's download hosts cannot be reached from this machine."""
 
 
-class ManualDirRequiredError(ValueError):
+class ManualDirRequiredError(FileNotFoundError):
     """The dataset is built from files downloaded by hand, and no (existing) manual_dir was given."""
 
 
@@ -71,13 +71,9 @@ def needs_manual_dir(builder) -> bool:
     return bool(getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None))
 
 
-def prepare_builder(name: str, builder, manual_dir: str | None = None, *, probe_timeout: float = 5.0):
-    """Prepares a tfds `builder` (of registry dataset `name`): from `manual_dir` when the builder reads
-    hand-downloaded files, else by downloading after a quick network check. Returns the builder."""
-    import tensorflow_datasets as tfds
-
-    if builder.is_prepared():
-        return builder
+def check_can_prepare(name: str, builder, manual_dir: str | None = None, *, probe_timeout: float = 5.0):
+    """Raises ManualDirRequiredError or NoNetworkError (each saying what to do) when `builder` (of registry
+    dataset `name`) cannot be prepared here; returns the manual_dir to prepare it from (None: download)."""
     info = ds_lib.get_dataset_info(name) if name in ds_lib.DATASETS else None
     if needs_manual_dir(builder):
         if not manual_dir or not os.path.isdir(os.path.expanduser(manual_dir)):
@@ -87,9 +83,19 @@ def prepare_builder(name: str, builder, manual_dir: str | None = None, *, probe_
                 f"'{name}' is built from files downloaded by hand, and {what}. What to put there:\n"
                 f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}\nThen run:{hint or ' the same command with --manual_dir'}"
             )
-        manual_dir = os.path.expanduser(manual_dir)
-    else:
-        check_network(name, builder, probe_timeout)
+        return os.path.expanduser(manual_dir)
+    check_network(name, builder, probe_timeout)
+    return None
+
+
+def prepare_builder(name: str, builder, manual_dir: str | None = None, *, probe_timeout: float = 5.0):
+    """Prepares a tfds `builder` (of registry dataset `name`): from `manual_dir` when the builder reads
+    hand-downloaded files, else by downloading after a quick network check. Returns the builder."""
+    import tensorflow_datasets as tfds
+
+    if builder.is_prepared():
+        return builder
+    manual_dir = check_can_prepare(name, builder, manual_dir, probe_timeout=probe_timeout)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(
             manual_dir=manual_dir, compute_stats=tfds.download.ComputeStatsMode.SKIP
@@ -130,7 +136,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         builder = prepare(args.dataset, args.manual_dir, args.data_dir)
-    except (NoNetworkError, ValueError, FileNotFoundError) as e:
+    except (NoNetworkError, ValueError, FileNotFoundError) as e:  # each says what to do
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"prepared {builder.name} in {builder.data_dir}: "

@@ -296,13 +296,18 @@ def default_data_dir(data_dir: str | None) -> str:
     return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
 
 
-def tfds_builder(info: ds_lib.DatasetInfo, cfg: Any, tfds_name: str | None = None):
-    """The prepared tfds builder of ``info``; fails fast (no network) if it is not prepared."""
-    name = tfds_name or info.tfds_name
-    if name.startswith("coop_"):
+def _builder(info: ds_lib.DatasetInfo, cfg: Any):
+    """The tfds builder of ``info`` in the config's data_dir, prepared or not."""
+    if info.tfds_name.startswith("coop_"):
         from dspt_jax.data import builders  # noqa: F401  (registers the local builders)
+    return tfds.builder(info.tfds_name, data_dir=default_data_dir(cfg.get("data_dir")))
+
+
+def tfds_builder(info: ds_lib.DatasetInfo, cfg: Any):
+    """The prepared tfds builder of ``info``; fails fast (no network) if it is not prepared."""
+    builder = _builder(info, cfg)
     data_dir = default_data_dir(cfg.get("data_dir"))
-    builder = tfds.builder(name, data_dir=data_dir)
+    name = info.tfds_name
     if builder.is_prepared():
         return builder
     if cfg.get("download"):  # fails within seconds without network, with the command to run elsewhere
@@ -808,6 +813,12 @@ def check_available(cfg: Any) -> None:
         _require_dir(cfg.get("folder"), "food101n")
     if not cfg.get("download"):
         tfds_builder(info, cfg)
+        return
+    builder = _builder(info, cfg)
+    if not builder.is_prepared():  # it will be prepared: check now that it can be (network, manual files)
+        from dspt_jax.data import prepare
+
+        prepare.check_can_prepare(info.name, builder, cfg.get("folder"))
 
 
 def load_source(cfg: Any) -> SourceData:
