@@ -28,7 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     # A local directory (config.json + weights), a hub id (read from the local Hugging Face cache),
     # "random:<preset>" (random weights, shapes of `dspt_jax.models.clip.PRESETS`) or "synthetic" (the
-    # offline synthetic world's tiny CLIP). See `dspt_jax.models.loading.load_clip`.
+    # offline synthetic world's tiny CLIP). See `dspt_jax.model_source`.
     config.model.source = "openai/clip-vit-base-patch16"
     config.model.compute_dtype = "float32"  # or "bfloat16": towers only; the loss is always float32
     # How the text tower encodes the K class prompts; none of these changes a result beyond float rounding.

@@ -36,7 +36,7 @@ import ml_collections
 from dspt_jax import aggregate as aggregate_lib
 from dspt_jax import train
 from dspt_jax.data import noise as noise_lib
-from dspt_jax.models.loading import load_clip
+from dspt_jax.model_source import load_clip
 
 log = logging.getLogger("dspt_jax")
 

@@ -11,6 +11,8 @@ respect to the prompt only, so the frozen towers cost no weight gradients.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import math
@@ -32,10 +34,10 @@ from jax.experimental import multihost_utils
 from dspt_jax import checkpointing, features, losses, metrics, sharding
 from dspt_jax import config as config_lib
 from dspt_jax import tokenizer as tok_lib
-from dspt_jax.models import loading
+from dspt_jax import model_source
 from dspt_jax.models import prompt as prompt_lib
 from dspt_jax.models.clip import CLIPModule, l2_normalize
-from dspt_jax.models.loading import CLIP, load_clip
+from dspt_jax.models.loading import CLIP
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 log = logging.getLogger("dspt_jax")
@@ -60,6 +62,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 @flax.struct.dataclass
 class TrainState:
+    """What training changes. One run's, or R runs' (`make_runs_step`: a leading run axis on every field but
+    `step`, since the runs advance together)."""
+
     step: jax.Array
     prompt: dict
     opt_state: Any
@@ -120,7 +125,7 @@ def check_inputs(config: ml_collections.ConfigDict, check_model: bool = True) ->
     problems = []
     if check_model:
         try:
-            loading.check_source(config.model.source)
+            model_source.check_source(config.model.source)
         except FileNotFoundError as e:
             problems.append(
                 f"Model {config.model.source!r}: {e}\n(On the command line a local copy is "
@@ -197,20 +202,34 @@ def batch_image_features(module: CLIPModule, clip_params, batch) -> jax.Array:
     return jax.lax.stop_gradient(module.apply({"params": clip_params}, batch["image"], method="encode_image"))
 
 
-def make_train_step(
+def make_runs_step(
     module: CLIPModule,
     spec: prompt_lib.PromptSpec,
-    loss_fn,
+    loss_fns,
     tx,
     *,
     shared_prefix: bool = True,
     class_sharding=None,
 ):
-    """The jitted step's function: (state, clip_params, frozen_embeds, batch) -> (state, metrics).
-    `shared_prefix` and `class_sharding`: how the text tower encodes the class prompts
-    (`prompt.class_features`); neither changes the result beyond float rounding."""
+    """One step of R independent runs at once: (state, clip_params, frozen_embeds, loss_ids, batch) ->
+    (state, metrics).
 
-    def train_step(state: TrainState, clip_params, frozen_embeds, batch):
+    Every field of `state` but `step` and every entry of `batch` carry a leading run axis R (its own prompt,
+    optimizer state, examples, labels and mask); `loss_ids` int [R] picks each run's loss from `loss_fns`
+    (no recompiling per loss). The runs share the frozen CLIP, the prompt layout and the learning-rate
+    schedule, and nothing else: each run's update is exactly its own step alone (`make_train_step` is the
+    R = 1 case). The text tower sees the R x K prompts as one batch. Metrics are [R].
+    `shared_prefix` and `class_sharding`: how the text tower encodes the class prompts
+    (`prompt.class_features`); neither changes the result beyond float rounding.
+    """
+    loss_fns = tuple(loss_fns)
+
+    def per_example_loss(loss_id, logits, labels):
+        if len(loss_fns) == 1:
+            return loss_fns[0](logits, labels)
+        return jax.lax.switch(loss_id, loss_fns, logits, labels)
+
+    def one_run(prompt, opt_state, first_bad_step, loss_id, batch, step, clip_params, frozen_embeds):
         image_features = batch_image_features(module, clip_params, batch)
 
         def loss_of(prompt):
@@ -224,28 +243,66 @@ def make_train_step(
                 class_sharding=class_sharding,
             )
             logits = logits_from_features(clip_params, image_features, class_features)
-            return losses.masked_mean(loss_fn(logits, batch["label"]), batch["mask"]), logits
+            loss = losses.masked_mean(per_example_loss(loss_id, logits, batch["label"]), batch["mask"])
+            return loss, logits
 
-        (loss, logits), grad = jax.value_and_grad(loss_of, has_aux=True)(state.prompt)
+        (loss, logits), grad = jax.value_and_grad(loss_of, has_aux=True)(prompt)
         # set_to_zero ignores its input: the zeros stand in for CLIP's (never computed) gradient and are
         # dead code after jit.
         grads = {"prompt": grad, "clip": jax.tree.map(jnp.zeros_like, clip_params)}
-        params = {"prompt": state.prompt, "clip": clip_params}
-        updates, opt_state = tx.update(grads, state.opt_state, params)
-        prompt = optax.apply_updates(state.prompt, updates["prompt"])
+        updates, opt_state = tx.update(grads, opt_state, {"prompt": prompt, "clip": clip_params})
         correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-        bad = (state.first_bad_step < 0) & ~jnp.isfinite(loss)
-        new_state = state.replace(
-            step=state.step + 1,
-            prompt=prompt,
-            opt_state=opt_state,
-            first_bad_step=jnp.where(bad, state.step, state.first_bad_step),
-        )
-        return new_state, {
+        bad = (first_bad_step < 0) & ~jnp.isfinite(loss)
+        step_metrics = {
             "loss": loss,
             "train_accuracy": losses.masked_mean(correct, batch["mask"]),
             "grad_norm": optax.global_norm(grad),
         }
+        new = (optax.apply_updates(prompt, updates["prompt"]), opt_state, jnp.where(bad, step, first_bad_step))
+        return new, step_metrics
+
+    def runs_step(state: TrainState, clip_params, frozen_embeds, loss_ids, batch):
+        (prompt, opt_state, first_bad_step), step_metrics = jax.vmap(
+            one_run, in_axes=(0, 0, 0, 0, 0, None, None, None)
+        )(state.prompt, state.opt_state, state.first_bad_step, loss_ids, batch, state.step, clip_params,
+          frozen_embeds)
+        new_state = state.replace(
+            step=state.step + 1, prompt=prompt, opt_state=opt_state, first_bad_step=first_bad_step
+        )
+        return new_state, step_metrics
+
+    return runs_step
+
+
+def make_train_step(
+    module: CLIPModule,
+    spec: prompt_lib.PromptSpec,
+    loss_fn,
+    tx,
+    *,
+    shared_prefix: bool = True,
+    class_sharding=None,
+):
+    """The step of one run: (state, clip_params, frozen_embeds, batch) -> (state, metrics), with `state` and
+    `batch` as one run has them (no run axis). It is `make_runs_step` with R = 1."""
+    runs_step = make_runs_step(
+        module, spec, (loss_fn,), tx, shared_prefix=shared_prefix, class_sharding=class_sharding
+    )
+
+    def train_step(state: TrainState, clip_params, frozen_embeds, batch):
+        add_run_axis = functools.partial(jax.tree.map, lambda x: x[None])
+        runs = state.replace(
+            prompt=add_run_axis(state.prompt),
+            opt_state=add_run_axis(state.opt_state),
+            first_bad_step=state.first_bad_step[None],
+        )
+        runs, step_metrics = runs_step(runs, clip_params, frozen_embeds, jnp.zeros(1, jnp.int32),
+                                       add_run_axis(batch))
+        take_run = functools.partial(jax.tree.map, lambda x: x[0])
+        new_state = runs.replace(
+            prompt=take_run(runs.prompt), opt_state=take_run(runs.opt_state), first_bad_step=runs.first_bad_step[0]
+        )
+        return new_state, take_run(step_metrics)
 
     return train_step
 
@@ -260,7 +317,7 @@ def _class_prompts(template: str, classnames) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The run.
+# Workdir files.
 
 
 def _json_default(o):
@@ -391,10 +448,206 @@ class _SigintFlag:
         return False
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The run's phases: set up, zero-shot, train, evaluate, write results.
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run's phases share, fixed once set up (the training state lives apart)."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: Any
+    clip: CLIP
+    module: CLIPModule
+    clip_params: Any  # on the devices, replicated
+    task: Any  # dspt_jax.data.pipeline.Task
+    layout: prompt_lib.ContextLayout
+    spec: prompt_lib.PromptSpec
+    frozen_embeds: jax.Array  # token embeddings of the prompts, on the devices
+    feature_mode: features.FeatureMode
+    num_epochs: int
+    epochs_rule: str
+    batch_size: int  # global rows per step, padded to a multiple of the devices
+    examples_per_step: int  # real examples per step
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def repl(self):
+        return sharding.replicated(self.mesh)
+
+
+def setup_run(config: ml_collections.ConfigDict, workdir: str, clip: CLIP | None) -> Run:
+    """Loads CLIP (unless given) and the task, and fixes the prompt layout and the schedule's numbers."""
+    from dspt_jax.data import pipeline  # TensorFlow lives there
+
+    mesh = sharding.make_mesh()
+    n_dev = mesh.devices.size
+    sharding.check_batch_size(config.batch_size, mesh)
+    if clip is None:
+        clip = model_source.load_clip(config.model.source, dtype=DTYPES[config.model.compute_dtype])
+    elif clip.dtype != DTYPES[config.model.compute_dtype]:
+        raise ValueError(
+            f"the CLIP passed in computes in {clip.dtype}, the config asks for {config.model.compute_dtype}"
+        )
+    if clip.config.vision.image_size != config.data.image_size:
+        raise ValueError(
+            f"config.data.image_size={config.data.image_size} but the CLIP at "
+            f"{config.model.source!r} takes {clip.config.vision.image_size} px images."
+        )
+    task = pipeline.load_task(data_config(config), workdir=workdir, process_index=jax.process_index())
+    log.info(
+        "Task %s: %d classes, %d train / %d test examples; CLIP %s on %d device(s)",
+        task.name,
+        task.num_classes,
+        task.train_size,
+        task.test_size,
+        config.model.source,
+        n_dev,
+    )
+    log.info("Splits: %s", task.splits)
+    if task.test_as_coop is False:
+        log.warning(
+            "NOT COMPARABLE with CoOp-protocol tables: %s's test images on %s differ from CoOp's split "
+            "(split_zhou_*.json). Put CoOp's split file where docs/DATA.md says (data.coop_root or $DATA) "
+            "or set data.split_file.",
+            task.name,
+            task.splits,
+        )
+    batch_size, examples_per_step = train_batch_size(config, task.train_size, n_dev)
+    steps_per_epoch = pipeline.steps_per_epoch(task, batch_size, examples_per_step)
+    num_epochs, epochs_rule = config_lib.resolve_epochs(config)
+    total_steps = num_epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+
+    p = config.prompt
+    layout = prompt_lib.context_layout(p.n_ctx, p.csc, p.ctx_init, p.ctx_init_mode)
+    for note in layout.notes:
+        log.info("Prompt: %s", note)
+    spec = prompt_lib.build_prompt_spec(task.classnames, layout.n_ctx, p.class_token_position)
+    repl = sharding.replicated(mesh)
+    return Run(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        clip=clip,
+        module=CLIPModule(clip.config, dtype=clip.dtype, remat_text=config.model.remat_text),
+        clip_params=jax.device_put(clip.params, repl),
+        task=task,
+        layout=layout,
+        spec=spec,
+        frozen_embeds=jax.device_put(clip.token_embeddings(spec.token_ids), repl),
+        feature_mode=features.parse_mode(config.image_features),
+        num_epochs=num_epochs,
+        epochs_rule=epochs_rule,
+        batch_size=batch_size,
+        examples_per_step=examples_per_step,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
+
+
+def create_train_state(run: Run, tx: optax.GradientTransformation) -> TrainState:
+    """The initial prompt (seeded by config.seed) and optimizer state, replicated over the mesh."""
+    prompt = prompt_lib.init_context(
+        jax.random.key(run.config.seed),
+        run.spec,
+        run.clip.config.text.hidden_size,
+        csc=run.layout.csc,
+        init_embeddings=prompt_lib.init_embeddings(run.clip, run.layout),
+    )
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        prompt=prompt,
+        opt_state=tx.init({"prompt": prompt, "clip": run.clip.params}),
+        first_bad_step=jnp.full((), -1, jnp.int32),
+    )
+    return jax.device_put(state, run.repl)
+
+
+class Evaluator:
+    """Image features of the run's splits, encoded once and reused by every evaluation (zero-shot, per-epoch,
+    final), and predictions against any class features."""
+
+    def __init__(self, run: Run):
+        self._run = run
+        n_dev = run.mesh.devices.size
+        self._batch_size = math.ceil(run.config.eval_batch_size / n_dev) * n_dev  # equal rows per device
+        self._encode = jax.jit(
+            lambda cp, images: run.module.apply({"params": cp}, images, method="encode_image"),
+            in_shardings=(run.repl, sharding.batch_sharding(run.mesh)),
+            out_shardings=sharding.batch_sharding(run.mesh),
+        )
+        self._text = jax.jit(
+            lambda cp, fe, pr: prompt_lib.class_features(
+                run.module, cp, fe, pr["ctx"], run.spec, shared_prefix=run.config.model.shared_prefix
+            ),
+            out_shardings=run.repl,
+        )
+        self._rows: dict[str, dict] = {}
+
+    def encoded(self, split: str, view=None) -> dict:
+        """The split's image features (test transform, or an augmented training view), labels and ids."""
+        from dspt_jax.data import pipeline
+
+        if view is None and split in self._rows:
+            return self._rows[split]
+        batches = pipeline.eval_batches(
+            self._run.task,
+            split,
+            global_batch_size=self._batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            view=view,
+        )
+        rows = features.encode_split(self._encode, self._run.clip_params, batches, self._run.mesh)
+        if view is None:
+            self._rows[split] = rows
+        return rows
+
+    def class_features(self, prompt) -> jax.Array:
+        return self._text(self._run.clip_params, self._run.frozen_embeds, prompt)
+
+    def predict(self, class_features, split: str) -> dict:
+        rows = self.encoded(split)
+        return {**rows, "pred": features.predict(rows["features"], sharding.gather(class_features))}
+
+    def metrics(self, class_features, split: str = "test") -> dict:
+        rows = self.predict(class_features, split)
+        return metrics.classification_metrics(_true_labels(rows), rows["pred"], self._run.task.num_classes)
+
+
+def zero_shot_phase(run: Run, evaluator: Evaluator) -> dict | None:
+    """Zero-shot CLIP with the dataset's template on the test split (read back when resuming)."""
+    if not run.config.zero_shot:
+        return None
+    path = os.path.join(run.workdir, "zero_shot.json")
+    if os.path.exists(path):  # a resumed run: computed before the interruption
+        with open(path) as f:
+            return json.load(f)
+    t0 = time.time()
+    task = run.task
+    prompts = tok_lib.tokenize(_class_prompts(task.template, task.classnames))
+    zero_shot = evaluator.metrics(jax.device_put(run.clip.encode_text(prompts), run.repl))
+    zero_shot["template"] = task.template
+    _write_json(path, zero_shot)
+    log.info(
+        "Zero-shot CLIP (%r): test accuracy %.4f, macro-F1 %.4f (%.1fs)",
+        task.template,
+        zero_shot["accuracy"],
+        zero_shot["macro_f1"],
+        time.time() - t0,
+    )
+    return zero_shot
+
+
 def training_features(config, task, mode: features.FeatureMode, workdir: str, encoded, clip_params) -> np.ndarray:
     """The training set's image features [views, M, D] in `task.train` order, from the workdir's cache when
-    its key matches, else encoded (`encoded(split, view)`, see train_and_evaluate) and saved by process 0.
-    All hosts take the same branch (they encode together), so they agree on the cache before using it."""
+    its key matches, else encoded (`encoded(split, view)`, `Evaluator.encoded`) and saved by process 0. All
+    hosts take the same branch (they encode together), so they agree on the cache before using it."""
     from dspt_jax.data import pipeline
 
     ex = task.train
@@ -430,195 +683,62 @@ def training_features(config, task, mode: features.FeatureMode, workdir: str, en
     return bank
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CLIP | None = None) -> dict:
-    """Runs zero-shot evaluation, prompt tuning and final evaluation; returns (and writes) the results.
+def training_input(run: Run, evaluator: Evaluator, start_step: int):
+    """The endless training batches from `start_step` on: image features from the bank (cached, views:N)
+    or augmented images (computed)."""
+    from dspt_jax.data import pipeline
 
-    `clip`: an already loaded CLIP for `config.model.source` (sweeps load it once for all their runs);
-    None loads it. It is only read, never changed.
-    """
-    start_time = time.time()
-    if not log.handlers:  # called from Python: progress on stdout, as the command line prints it
-        log_to_stdout()
-    validate_config(config)
-    check_inputs(config, check_model=clip is None)
-    feature_mode = features.parse_mode(config.image_features)
-    _prepare_workdir(config, workdir)
-    from dspt_jax.data import pipeline  # TensorFlow lives there
+    common = dict(
+        global_batch_size=run.batch_size,
+        examples_per_step=run.examples_per_step,
+        seed=run.config.seed,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    if run.feature_mode.cached:
+        bank = training_features(
+            run.config, run.task, run.feature_mode, run.workdir, evaluator.encoded, run.clip_params
+        )
+        return pipeline.train_feature_batches(run.task, bank, **common)
+    return pipeline.train_batches(run.task, augment=run.config.data.augment, **common)
 
-    mesh = sharding.make_mesh()
+
+def train_phase(run: Run, evaluator: Evaluator, state: TrainState, tx, schedule) -> tuple[TrainState, dict]:
+    """The training loop from `state.step` to `run.total_steps`: logs, metrics.jsonl, checkpoints, per-epoch
+    evaluation, Ctrl-C (a checkpoint, then TrainingInterrupted). Returns the final state and loop facts."""
+    config, mesh = run.config, run.mesh
     n_dev = mesh.devices.size
-    sharding.check_batch_size(config.batch_size, mesh)
-    eval_batch_size = math.ceil(config.eval_batch_size / n_dev) * n_dev  # every device gets equal rows
-    pidx, pcount = jax.process_index(), jax.process_count()
-
-    if clip is None:
-        clip = load_clip(config.model.source, dtype=DTYPES[config.model.compute_dtype])
-    elif clip.dtype != DTYPES[config.model.compute_dtype]:
-        raise ValueError(
-            f"the CLIP passed in computes in {clip.dtype}, the config asks for {config.model.compute_dtype}"
-        )
-    if clip.config.vision.image_size != config.data.image_size:
-        raise ValueError(
-            f"config.data.image_size={config.data.image_size} but the CLIP at "
-            f"{config.model.source!r} takes {clip.config.vision.image_size} px images."
-        )
-    task = pipeline.load_task(data_config(config), workdir=workdir, process_index=pidx)
-    module = CLIPModule(clip.config, dtype=clip.dtype, remat_text=config.model.remat_text)
-    log.info(
-        "Task %s: %d classes, %d train / %d test examples; CLIP %s on %d device(s)",
-        task.name,
-        task.num_classes,
-        task.train_size,
-        task.test_size,
-        config.model.source,
-        n_dev,
-    )
-    log.info("Splits: %s", task.splits)
-    if task.test_as_coop is False:
-        log.warning(
-            "NOT COMPARABLE with CoOp-protocol tables: %s's test images on %s differ from CoOp's split "
-            "(split_zhou_*.json). Put CoOp's split file where docs/DATA.md says (data.coop_root or $DATA) "
-            "or set data.split_file.",
-            task.name,
-            task.splits,
-        )
-
-    batch_size, examples_per_step = train_batch_size(config, task.train_size, n_dev)
-    steps_per_epoch = pipeline.steps_per_epoch(task, batch_size, examples_per_step)
-    num_epochs, epochs_rule = config_lib.resolve_epochs(config)
-    total_steps = num_epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-
-    p = config.prompt
-    layout = prompt_lib.context_layout(p.n_ctx, p.csc, p.ctx_init, p.ctx_init_mode)
-    for note in layout.notes:
-        log.info("Prompt: %s", note)
-    spec = prompt_lib.build_prompt_spec(task.classnames, layout.n_ctx, p.class_token_position)
-    repl = sharding.replicated(mesh)
-    clip_params = jax.device_put(clip.params, repl)
-    frozen_embeds = jax.device_put(clip.token_embeddings(spec.token_ids), repl)
-    prompt = prompt_lib.init_context(
-        jax.random.key(config.seed),
-        spec,
-        clip.config.text.hidden_size,
-        csc=layout.csc,
-        init_embeddings=prompt_lib.init_embeddings(clip, layout),
-    )
-    loss_fn = losses.get_loss_fn(config.loss, gce_q=config.gce_q)
-    tx, schedule = make_optimizer(config, steps_per_epoch, num_epochs)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        prompt=prompt,
-        opt_state=tx.init({"prompt": prompt, "clip": clip.params}),
-        first_bad_step=jnp.full((), -1, jnp.int32),
-    )
-    state = jax.device_put(state, repl)
-
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every_steps)
-    if ckpt.latest_step is not None:
-        state = ckpt.restore(state)
-        log.info("Resumed from %s at step %d", workdir, int(state.step))
-
-    text_jit = jax.jit(
-        lambda cp, fe, pr: prompt_lib.class_features(
-            module, cp, fe, pr["ctx"], spec, shared_prefix=config.model.shared_prefix
-        ),
-        out_shardings=repl,
-    )
-    encode_jit = jax.jit(
-        lambda cp, images: module.apply({"params": cp}, images, method="encode_image"),
-        in_shardings=(repl, sharding.batch_sharding(mesh)),
-        out_shardings=sharding.batch_sharding(mesh),
-    )
-    split_rows: dict[str, dict] = {}
-
-    def encoded(split: str, view=None) -> dict:
-        """The split's image features (test transform, or an augmented training view), with labels and
-        ids; the test-transform features are encoded once per run and reused by every evaluation."""
-        if view is None and split in split_rows:
-            return split_rows[split]
-        batches = pipeline.eval_batches(
-            task, split, global_batch_size=eval_batch_size, process_index=pidx, process_count=pcount, view=view
-        )
-        rows = features.encode_split(encode_jit, clip_params, batches, mesh)
-        if view is None:
-            split_rows[split] = rows
-        return rows
-
-    def evaluate(class_features, split: str) -> dict:
-        rows = encoded(split)
-        pred = features.predict(rows["features"], sharding.gather(class_features))
-        return {**rows, "pred": pred}
-
-    zero_shot_path = os.path.join(workdir, "zero_shot.json")
-    zero_shot = None
-    if config.zero_shot:
-        if os.path.exists(zero_shot_path):  # a resumed run: computed before the interruption
-            with open(zero_shot_path) as f:
-                zero_shot = json.load(f)
-        else:
-            t0 = time.time()
-            prompts = tok_lib.tokenize(_class_prompts(task.template, task.classnames))
-            rows = evaluate(jax.device_put(clip.encode_text(prompts), repl), "test")
-            zero_shot = metrics.classification_metrics(_true_labels(rows), rows["pred"], task.num_classes)
-            zero_shot["template"] = task.template
-            _write_json(zero_shot_path, zero_shot)
-            log.info(
-                "Zero-shot CLIP (%r): test accuracy %.4f, macro-F1 %.4f (%.1fs)",
-                task.template,
-                zero_shot["accuracy"],
-                zero_shot["macro_f1"],
-                time.time() - t0,
-            )
-
     train_step = jax.jit(
         make_train_step(
-            module,
-            spec,
-            loss_fn,
+            run.module,
+            run.spec,
+            losses.get_loss_fn(config.loss, gce_q=config.gce_q),
             tx,
             shared_prefix=config.model.shared_prefix,
             class_sharding=sharding.batch_sharding(mesh) if config.model.shard_classes and n_dev > 1 else None,
         ),
-        in_shardings=(repl, repl, repl, sharding.batch_sharding(mesh)),
-        out_shardings=(repl, repl),
+        in_shardings=(run.repl, run.repl, run.repl, sharding.batch_sharding(mesh)),
+        out_shardings=(run.repl, run.repl),
         donate_argnums=(0,),
     )
-    step = int(state.step)
-    if feature_mode.cached:
-        bank = training_features(config, task, feature_mode, workdir, encoded, clip_params)
-        train_iter = pipeline.train_feature_batches(
-            task,
-            bank,
-            global_batch_size=batch_size,
-            examples_per_step=examples_per_step,
-            seed=config.seed,
-            start_step=step,
-            process_index=pidx,
-            process_count=pcount,
-        )
-    else:
-        train_iter = pipeline.train_batches(
-            task,
-            global_batch_size=batch_size,
-            examples_per_step=examples_per_step,
-            seed=config.seed,
-            augment=config.data.augment,
-            start_step=step,
-            process_index=pidx,
-            process_count=pcount,
-        )
-    writer = metrics.MetricWriter(workdir, enabled=pidx == 0, resume_step=step)
+    ckpt = checkpointing.Checkpointer(os.path.join(run.workdir, "checkpoints"), config.checkpoint_every_steps)
+    if ckpt.latest_step is not None:
+        state = ckpt.restore(state)
+        log.info("Resumed from %s at step %d", run.workdir, int(state.step))
+    step, total = int(state.step), run.total_steps
+    pcount = jax.process_count()
+    train_iter = training_input(run, evaluator, step)
+    writer = metrics.MetricWriter(run.workdir, enabled=jax.process_index() == 0, resume_step=step)
     log.info(
         "Training %d steps (%d per epoch, %d epochs by %s, batch %d), loss %s, image features %s, from step %d",
-        total_steps,
-        steps_per_epoch,
-        num_epochs,
-        epochs_rule,
-        examples_per_step,
+        total,
+        run.steps_per_epoch,
+        run.num_epochs,
+        run.epochs_rule,
+        run.examples_per_step,
         config.loss,
-        feature_mode,
+        run.feature_mode,
         step,
     )
 
@@ -628,7 +748,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
             raise FloatingPointError(
                 f"Non-finite loss at step {bad} (loss={config.loss}, compute_dtype="
                 f"{config.model.compute_dtype}). Try compute_dtype=float32 or a lower config.optim.lr; "
-                f"the last finite checkpoint is in {workdir}/checkpoints."
+                f"the last finite checkpoint is in {run.workdir}/checkpoints."
             )
 
     epoch_evals = []
@@ -649,16 +769,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
                     return False
                 return bool(np.any(multihost_utils.process_allgather(np.int32(sigint.raised))))
 
-            while step < total_steps and not interrupted:
+            while step < total and not interrupted:
                 t_wait = time.time()
                 batch = sharding.to_global(next(train_iter), mesh)  # the next batch, on the devices
                 t_wait = time.time() - t_wait
                 input_wait += t_wait
                 total_wait += t_wait
-                state, step_metrics = train_step(state, clip_params, frozen_embeds, batch)
+                state, step_metrics = train_step(state, run.clip_params, run.frozen_embeds, batch)
                 step += 1
                 window.append(step_metrics)
-                last = step == total_steps
+                last = step == total
                 log_step = step % config.log_every_steps == 0 or last
                 if log_step:
                     check_finite()
@@ -669,7 +789,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
                     scalars.update(
                         lr=float(schedule(step - 1)),
                         steps_per_sec=rate,
-                        epoch=(step - 1) // steps_per_epoch,
+                        epoch=(step - 1) // run.steps_per_epoch,
                         input_wait_fraction=input_wait / elapsed,
                     )
                     input_wait = 0.0
@@ -677,31 +797,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
                     log.info(
                         "step %d/%d  epoch %d/%d  loss %.4f  train_acc %.3f  lr %.2e  %.2f steps/s  ETA %s",
                         step,
-                        total_steps,
+                        total,
                         scalars["epoch"] + 1,
-                        num_epochs,
+                        run.num_epochs,
                         scalars["loss"],
                         scalars["train_accuracy"],
                         scalars["lr"],
                         rate,
-                        _format_eta((total_steps - step) / rate),
+                        _format_eta((total - step) / rate),
                     )
                     window, window_start, window_step = [], time.time(), step
                 if ckpt.should_save(step):
                     check_finite()  # never checkpoint a state that has seen a non-finite loss
                     ckpt.save(step, state)
-                if (
-                    config.eval_every_epochs
-                    and not last
-                    and step % (steps_per_epoch * config.eval_every_epochs) == 0
-                ):
-                    rows = evaluate(text_jit(clip_params, frozen_embeds, state.prompt), "test")
-                    acc = metrics.classification_metrics(_true_labels(rows), rows["pred"], task.num_classes)
-                    epoch_evals.append(
-                        {"step": step, "epoch": step // steps_per_epoch, "test_accuracy": acc["accuracy"]}
-                    )
-                    writer.write(step, {"test_accuracy": acc["accuracy"]})
-                    log.info("epoch %d: test accuracy %.4f", step // steps_per_epoch, acc["accuracy"])
+                every = run.steps_per_epoch * config.eval_every_epochs
+                if every and not last and step % every == 0:
+                    acc = evaluator.metrics(evaluator.class_features(state.prompt))["accuracy"]
+                    epoch_evals.append({"step": step, "epoch": step // run.steps_per_epoch, "test_accuracy": acc})
+                    writer.write(step, {"test_accuracy": acc})
+                    log.info("epoch %d: test accuracy %.4f", step // run.steps_per_epoch, acc)
                 interrupted = stop_requested(log_step)
             check_finite()
             if ckpt.latest_step != step:
@@ -717,41 +831,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         train_iter.close()
         ckpt.close()
         writer.close()
-    train_loop_s = time.time() - loop_start
+    loop_s = time.time() - loop_start
+    return state, {
+        "steps": step,
+        "epoch_evals": epoch_evals,
+        "train_loop_s": loop_s,
+        # Share of the training loop (its evaluations and checkpoints included) that the host spent getting
+        # the next batch onto the devices: near 1, training is input-bound; near 0, the step is the bottleneck.
+        "input_wait_fraction": total_wait / max(loop_s, 1e-9),
+    }
 
-    if pidx == 0:  # the learned prompt, reusable without orbax
+
+def evaluate_phase(run: Run, evaluator: Evaluator, state: TrainState) -> tuple[dict, dict | None]:
+    """Saves the learned prompt (prompt.npz) and evaluates it: test metrics, and (config.eval_train) how it
+    sees its own noisy training set."""
+    task, spec = run.task, run.spec
+    if jax.process_index() == 0:  # the learned prompt, reusable without orbax
         np.savez(
-            os.path.join(workdir, "prompt.npz"),
+            os.path.join(run.workdir, "prompt.npz"),
             ctx=np.asarray(jax.device_get(state.prompt["ctx"])),
             classnames=np.asarray(task.classnames),
             token_ids=spec.token_ids,
             ctx_positions=spec.ctx_positions,
             eot_index=spec.eot_index,
         )
-    class_features = text_jit(clip_params, frozen_embeds, state.prompt)
-    rows = evaluate(class_features, "test")
-    final = metrics.classification_metrics(_true_labels(rows), rows["pred"], task.num_classes)
+    class_features = evaluator.class_features(state.prompt)
+    final = evaluator.metrics(class_features)
     log.info(
-        "Tuned prompt (%s): test accuracy %.4f, macro-F1 %.4f",
-        config.loss,
-        final["accuracy"],
-        final["macro_f1"],
+        "Tuned prompt (%s): test accuracy %.4f, macro-F1 %.4f", run.config.loss, final["accuracy"], final["macro_f1"]
     )
-    train_diag = None
-    if config.eval_train:
-        rows = evaluate(class_features, "train")
-        flipped = (rows["clean_label"] >= 0) & (rows["label"] != rows["clean_label"])
-        train_diag = metrics.train_set_diagnostics(rows["pred"], rows["label"], rows["clean_label"], flipped)
-        log.info(
-            "Training set: clean-label accuracy %s, flipped examples fitted %d/%d",
-            "n/a"
-            if train_diag["accuracy_clean_labels"] is None
-            else f"{train_diag['accuracy_clean_labels']:.4f}",
-            train_diag["fitted_flipped"],
-            train_diag["num_flipped"],
-        )
+    if not run.config.eval_train:
+        return final, None
+    rows = evaluator.predict(class_features, "train")
+    flipped = (rows["clean_label"] >= 0) & (rows["label"] != rows["clean_label"])
+    diag = metrics.train_set_diagnostics(rows["pred"], rows["label"], rows["clean_label"], flipped)
+    log.info(
+        "Training set: clean-label accuracy %s, flipped examples fitted %d/%d",
+        "n/a" if diag["accuracy_clean_labels"] is None else f"{diag['accuracy_clean_labels']:.4f}",
+        diag["fitted_flipped"],
+        diag["num_flipped"],
+    )
+    return final, diag
 
-    results = {
+
+def results_record(run: Run, zero_shot, final, train_diag, loop: dict, wall_time_s: float) -> dict:
+    """results.json: what was run (setting, splits, prompt, schedule) and what came out."""
+    config, task = run.config, run.task
+    return {
         "dataset": task.name,
         "num_classes": task.num_classes,
         "shots": config.data.shots,
@@ -768,23 +894,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CL
         "seed": config.seed,
         "model": config.model.source,
         # The context as trained (CoOp's ctx_init layout may set n_ctx and csc; see context_layout).
-        "prompt": {**config.prompt.to_dict(), "n_ctx": layout.n_ctx, "csc": layout.csc},
-        "steps": step,
-        "epochs": num_epochs,
-        "epochs_rule": epochs_rule,
-        "epochs_completed": step / steps_per_epoch,
-        "batch_size": examples_per_step,
+        "prompt": {**config.prompt.to_dict(), "n_ctx": run.layout.n_ctx, "csc": run.layout.csc},
+        "steps": loop["steps"],
+        "epochs": run.num_epochs,
+        "epochs_rule": run.epochs_rule,
+        "epochs_completed": loop["steps"] / run.steps_per_epoch,
+        "batch_size": run.examples_per_step,
         # How training images reached the loss; anything but "computed" departs from CoOp's protocol.
-        "image_features": str(feature_mode),
+        "image_features": str(run.feature_mode),
         "zero_shot": zero_shot,
         "final": final,
-        "epoch_evals": epoch_evals,
+        "epoch_evals": loop["epoch_evals"],
         "train": train_diag,
-        "wall_time_s": time.time() - start_time,
-        "train_loop_s": train_loop_s,
-        # Share of the training loop (its evaluations and checkpoints included) that the host spent getting the
-        # next batch onto the devices: near 1, training is input-bound; near 0, the step is the bottleneck.
-        "input_wait_fraction": total_wait / max(train_loop_s, 1e-9),
+        "wall_time_s": wall_time_s,
+        "train_loop_s": loop["train_loop_s"],
+        "input_wait_fraction": loop["input_wait_fraction"],
     }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CLIP | None = None) -> dict:
+    """Runs zero-shot evaluation, prompt tuning and final evaluation; returns (and writes) the results.
+
+    `clip`: an already loaded CLIP for `config.model.source` (sweeps load it once for all their runs);
+    None loads it. It is only read, never changed.
+    """
+    start_time = time.time()
+    if not log.handlers:  # called from Python: progress on stdout, as the command line prints it
+        log_to_stdout()
+    validate_config(config)
+    check_inputs(config, check_model=clip is None)
+    _prepare_workdir(config, workdir)
+    run = setup_run(config, workdir, clip)
+    evaluator = Evaluator(run)
+    zero_shot = zero_shot_phase(run, evaluator)
+    tx, schedule = make_optimizer(config, run.steps_per_epoch, run.num_epochs)
+    state, loop = train_phase(run, evaluator, create_train_state(run, tx), tx, schedule)
+    final, train_diag = evaluate_phase(run, evaluator, state)
+    results = results_record(run, zero_shot, final, train_diag, loop, time.time() - start_time)
     _write_json(os.path.join(workdir, "results.json"), results)
     return results

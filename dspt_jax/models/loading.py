@@ -289,10 +289,7 @@ def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> 
 def check_source(source: str, *, revision: str | None = None, cache_dir: str | None = None) -> None:
     """Raises what `load_clip(source)` would raise for a missing or unknown checkpoint, without reading
     weights (the trainer checks the model and the data before any work, and reports both). A hub id is
-    looked up in the local cache (fetched when the hub is reachable); "synthetic" is always available
-    (pretrained on first use)."""
-    if source == "synthetic" or source.startswith("synthetic:"):
-        return
+    looked up in the local cache (fetched when the hub is reachable)."""
     if source.startswith("random:"):
         if source.split(":", 1)[1] not in PRESETS:
             raise ValueError(f"Unknown preset in {source!r}; known: {sorted(PRESETS)}")
@@ -316,16 +313,12 @@ def load_clip(
     """Loads a CLIP from a local directory or a Hugging Face hub id ("openai/clip-vit-base-patch16").
 
     Args:
-      source: a directory with `config.json` and weights, a hub id, "random:<preset>" (random weights
-        with the shapes of `dspt_jax.models.clip.PRESETS[preset]`: "vit_b16", "vit_b32", "tiny"), or
-        "synthetic" (the tiny CLIP of the offline synthetic world, pretrained and cached on first use).
+      source: a directory with `config.json` and weights, a hub id, or "random:<preset>" (random weights
+        with the shapes of `dspt_jax.models.clip.PRESETS[preset]`: "vit_b16", "vit_b32", "tiny"). The
+        synthetic world's CLIP ("synthetic") is loaded by `dspt_jax.model_source.load_clip`.
       dtype: compute dtype of the towers (parameters stay float32).
       revision, cache_dir: passed to the hub client.
     """
-    if source == "synthetic" or source.startswith("synthetic:"):
-        from dspt_jax import pretrain  # the tiny CLIP of the offline synthetic world, pretrained on first use
-
-        source = pretrain.resolve_model_source(source)
     if source.startswith("random:"):
         preset = source.split(":", 1)[1]
         if preset not in PRESETS:
