@@ -27,6 +27,11 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    @property
+    def steps(self) -> list[int]:
+        """The steps of the checkpoints kept, oldest first."""
+        return sorted(self._manager.all_steps())
+
     def should_save(self, step: int) -> bool:
         """Whether `save(step, ...)` would write (every `every_steps`)."""
         return self._manager.should_save(step)

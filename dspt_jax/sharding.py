@@ -23,6 +23,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def run_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches of R runs trained together, [R, B, ...]: each run's examples split over the data axis."""
+    return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -37,9 +42,10 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch_size
         )
 
 
-def to_global(local_batch: dict, mesh: Mesh) -> dict:
-    """Host-local numpy batch (this process's rows) -> global jax.Arrays sharded over the data axis."""
-    sharding = batch_sharding(mesh)
+def to_global(local_batch: dict, mesh: Mesh, sharding: NamedSharding | None = None) -> dict:
+    """Host-local numpy batch (this process's rows) -> global jax.Arrays sharded over the data axis
+    (`sharding`: default `batch_sharding`; `run_batch_sharding` for [R, B, ...] batches)."""
+    sharding = batch_sharding(mesh) if sharding is None else sharding
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()
     }

@@ -479,8 +479,9 @@ class Run:
         return sharding.replicated(self.mesh)
 
 
-def setup_run(config: ml_collections.ConfigDict, workdir: str, clip: CLIP | None) -> Run:
-    """Loads CLIP (unless given) and the task, and fixes the prompt layout and the schedule's numbers."""
+def setup_run(config: ml_collections.ConfigDict, workdir: str, clip: CLIP | None, clip_params=None) -> Run:
+    """Loads CLIP (unless given) and the task, and fixes the prompt layout and the schedule's numbers.
+    `clip_params`: `clip.params` already on the devices (runs trained together share one copy)."""
     from dspt_jax.data import pipeline  # TensorFlow lives there
 
     mesh = sharding.make_mesh()
@@ -535,7 +536,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, clip: CLIP | None
         mesh=mesh,
         clip=clip,
         module=CLIPModule(clip.config, dtype=clip.dtype, remat_text=config.model.remat_text),
-        clip_params=jax.device_put(clip.params, repl),
+        clip_params=jax.device_put(clip.params, repl) if clip_params is None else clip_params,
         task=task,
         layout=layout,
         spec=spec,
@@ -572,8 +573,11 @@ class Evaluator:
     """Image features of the run's splits, encoded once and reused by every evaluation (zero-shot, per-epoch,
     final), and predictions against any class features."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, shared: Evaluator | None = None):
+        """`shared`: the evaluator of a run of the same dataset, whose test and validation features this one
+        reuses (runs trained together differ in their training sets only)."""
         self._run = run
+        self._shared = shared
         n_dev = run.mesh.devices.size
         self._batch_size = math.ceil(run.config.eval_batch_size / n_dev) * n_dev  # equal rows per device
         self._encode = jax.jit(
@@ -593,6 +597,8 @@ class Evaluator:
         """The split's image features (test transform, or an augmented training view), labels and ids."""
         from dspt_jax.data import pipeline
 
+        if self._shared is not None and split != "train":
+            return self._shared.encoded(split, view)
         if view is None and split in self._rows:
             return self._rows[split]
         batches = pipeline.eval_batches(
@@ -704,54 +710,110 @@ def training_input(run: Run, evaluator: Evaluator, start_step: int):
     return pipeline.train_batches(run.task, augment=run.config.data.augment, **common)
 
 
-def train_phase(run: Run, evaluator: Evaluator, state: TrainState, tx, schedule) -> tuple[TrainState, dict]:
-    """The training loop from `state.step` to `run.total_steps`: logs, metrics.jsonl, checkpoints, per-epoch
-    evaluation, Ctrl-C (a checkpoint, then TrainingInterrupted). Returns the final state and loop facts."""
-    config, mesh = run.config, run.mesh
-    n_dev = mesh.devices.size
+def _take(tree, r: int):
+    """Run r's slice of a tree with a leading run axis."""
+    return jax.tree.map(lambda x: x[r], tree)
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _stack_runs(states: list[TrainState]) -> TrainState:
+    """Single-run states at one step -> the R-run state (`make_runs_step`)."""
+    return TrainState(
+        step=states[0].step,
+        prompt=_stack([s.prompt for s in states]),
+        opt_state=_stack([s.opt_state for s in states]),
+        first_bad_step=jnp.stack([s.first_bad_step for s in states]),
+    )
+
+
+def _run_state(state: TrainState, r: int) -> TrainState:
+    """Run r's single-run state out of the R-run state."""
+    return state.replace(
+        prompt=_take(state.prompt, r), opt_state=_take(state.opt_state, r), first_bad_step=state.first_bad_step[r]
+    )
+
+
+def _restore(runs: list[Run], checkpointers, states: list[TrainState]) -> list[TrainState]:
+    """Each run's state at the latest step that every run has a checkpoint of (runs trained together save
+    together; a kill between two runs' saves leaves the older common step), or the initial states."""
+    common = set.intersection(*(set(c.steps) for c in checkpointers))
+    if not common:
+        if any(c.steps for c in checkpointers):
+            log.warning("The runs' checkpoints have no step in common: every run starts over.")
+        return states
+    step = max(common)
+    log.info("Resumed from %s at step %d", runs[0].workdir if len(runs) == 1 else f"{len(runs)} workdirs", step)
+    return [c.restore(s, step) for c, s in zip(checkpointers, states)]
+
+
+def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[TrainState], tx, schedule):
+    """The training loop of R runs trained together by one jitted step (`make_runs_step`; R = 1 for a single
+    run), from their checkpoint (or `states`) to `total_steps`: per run its log lines, metrics.jsonl,
+    checkpoints and per-epoch evaluations, in its own workdir; Ctrl-C saves every run's checkpoint, then
+    raises TrainingInterrupted. The runs share the mesh, CLIP, prompt layout and schedule (`check_group`).
+    Returns each run's final single-run state and loop facts."""
+    lead = runs[0]
+    config, mesh = lead.config, lead.mesh
+    n_dev, num_runs = mesh.devices.size, len(runs)
+    loss_keys = sorted({(r.config.loss, r.config.gce_q if r.config.loss == "gce" else None) for r in runs})
+    loss_fns = [losses.get_loss_fn(name, gce_q=0.5 if q is None else q) for name, q in loss_keys]
+    loss_ids = jnp.asarray(
+        [loss_keys.index((r.config.loss, r.config.gce_q if r.config.loss == "gce" else None)) for r in runs],
+        jnp.int32,
+    )
+    examples = sharding.run_batch_sharding(mesh)
     train_step = jax.jit(
-        make_train_step(
-            run.module,
-            run.spec,
-            losses.get_loss_fn(config.loss, gce_q=config.gce_q),
+        make_runs_step(
+            lead.module,
+            lead.spec,
+            loss_fns,
             tx,
             shared_prefix=config.model.shared_prefix,
             class_sharding=sharding.batch_sharding(mesh) if config.model.shard_classes and n_dev > 1 else None,
         ),
-        in_shardings=(run.repl, run.repl, run.repl, sharding.batch_sharding(mesh)),
-        out_shardings=(run.repl, run.repl),
+        in_shardings=(lead.repl, lead.repl, lead.repl, lead.repl, examples),
+        out_shardings=(lead.repl, lead.repl),
         donate_argnums=(0,),
     )
-    ckpt = checkpointing.Checkpointer(os.path.join(run.workdir, "checkpoints"), config.checkpoint_every_steps)
-    if ckpt.latest_step is not None:
-        state = ckpt.restore(state)
-        log.info("Resumed from %s at step %d", run.workdir, int(state.step))
-    step, total = int(state.step), run.total_steps
+    checkpointers = [
+        checkpointing.Checkpointer(os.path.join(r.workdir, "checkpoints"), r.config.checkpoint_every_steps)
+        for r in runs
+    ]
+    state = jax.device_put(_stack_runs(_restore(runs, checkpointers, states)), lead.repl)
+    step, total = int(state.step), lead.total_steps
     pcount = jax.process_count()
-    train_iter = training_input(run, evaluator, step)
-    writer = metrics.MetricWriter(run.workdir, enabled=jax.process_index() == 0, resume_step=step)
+    inputs = [training_input(r, e, step) for r, e in zip(runs, evaluators)]
+    writers = [metrics.MetricWriter(r.workdir, enabled=jax.process_index() == 0, resume_step=step) for r in runs]
     log.info(
-        "Training %d steps (%d per epoch, %d epochs by %s, batch %d), loss %s, image features %s, from step %d",
+        "Training %d steps (%d per epoch, %d epochs by %s, batch %d), %s, image features %s, from step %d",
         total,
-        run.steps_per_epoch,
-        run.num_epochs,
-        run.epochs_rule,
-        run.examples_per_step,
-        config.loss,
-        run.feature_mode,
+        lead.steps_per_epoch,
+        lead.num_epochs,
+        lead.epochs_rule,
+        lead.examples_per_step,
+        f"loss {config.loss}" if num_runs == 1 else f"{num_runs} runs together",
+        lead.feature_mode,
         step,
     )
 
     def check_finite():
-        bad = int(state.first_bad_step)  # a host sync: only at logging and checkpoint steps
-        if bad >= 0:
+        bad = np.asarray(state.first_bad_step)  # a host sync: only at logging and checkpoint steps
+        for r in np.flatnonzero(bad >= 0)[:1]:
+            run = runs[r]
             raise FloatingPointError(
-                f"Non-finite loss at step {bad} (loss={config.loss}, compute_dtype="
-                f"{config.model.compute_dtype}). Try compute_dtype=float32 or a lower config.optim.lr; "
+                f"Non-finite loss at step {bad[r]} (loss={run.config.loss}, compute_dtype="
+                f"{run.config.model.compute_dtype}). Try compute_dtype=float32 or a lower config.optim.lr; "
                 f"the last finite checkpoint is in {run.workdir}/checkpoints."
             )
 
-    epoch_evals = []
+    def save(force: bool = False):
+        for r, ckpt in enumerate(checkpointers):
+            ckpt.save(step, _run_state(state, r), force=force)
+
+    epoch_evals = [[] for _ in runs]
     window, window_start, window_step = [], time.time(), step
     # Host time blocked on the input pipeline: per log window, and over the whole training loop.
     input_wait, total_wait, loop_start = 0.0, 0.0, time.time()
@@ -771,11 +833,12 @@ def train_phase(run: Run, evaluator: Evaluator, state: TrainState, tx, schedule)
 
             while step < total and not interrupted:
                 t_wait = time.time()
-                batch = sharding.to_global(next(train_iter), mesh)  # the next batch, on the devices
+                local = _stack([next(it) for it in inputs])  # [R, rows of this host, ...]
+                batch = sharding.to_global(local, mesh, examples)  # the next batch, on the devices
                 t_wait = time.time() - t_wait
                 input_wait += t_wait
                 total_wait += t_wait
-                state, step_metrics = train_step(state, run.clip_params, run.frozen_embeds, batch)
+                state, step_metrics = train_step(state, lead.clip_params, lead.frozen_embeds, loss_ids, batch)
                 step += 1
                 window.append(step_metrics)
                 last = step == total
@@ -785,61 +848,70 @@ def train_phase(run: Run, evaluator: Evaluator, state: TrainState, tx, schedule)
                     host = jax.device_get(window)
                     elapsed = max(time.time() - window_start, 1e-9)
                     rate = (step - window_step) / elapsed
-                    scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                    scalars.update(
+                    common = dict(
                         lr=float(schedule(step - 1)),
                         steps_per_sec=rate,
-                        epoch=(step - 1) // run.steps_per_epoch,
+                        epoch=(step - 1) // lead.steps_per_epoch,
                         input_wait_fraction=input_wait / elapsed,
                     )
                     input_wait = 0.0
-                    writer.write(step, scalars)
-                    log.info(
-                        "step %d/%d  epoch %d/%d  loss %.4f  train_acc %.3f  lr %.2e  %.2f steps/s  ETA %s",
-                        step,
-                        total,
-                        scalars["epoch"] + 1,
-                        run.num_epochs,
-                        scalars["loss"],
-                        scalars["train_accuracy"],
-                        scalars["lr"],
-                        rate,
-                        _format_eta((total - step) / rate),
-                    )
+                    for r, (run, writer) in enumerate(zip(runs, writers)):
+                        scalars = {k: float(np.mean([m[k][r] for m in host])) for k in host[0]}
+                        writer.write(step, {**scalars, **common})
+                        log.info(
+                            "%sstep %d/%d  epoch %d/%d  loss %.4f  train_acc %.3f  lr %.2e  %.2f steps/s  ETA %s",
+                            f"[{run.workdir}] " if num_runs > 1 else "",
+                            step,
+                            total,
+                            common["epoch"] + 1,
+                            lead.num_epochs,
+                            scalars["loss"],
+                            scalars["train_accuracy"],
+                            common["lr"],
+                            rate,
+                            _format_eta((total - step) / rate),
+                        )
                     window, window_start, window_step = [], time.time(), step
-                if ckpt.should_save(step):
+                if checkpointers[0].should_save(step):
                     check_finite()  # never checkpoint a state that has seen a non-finite loss
-                    ckpt.save(step, state)
-                every = run.steps_per_epoch * config.eval_every_epochs
+                    save()
+                every = lead.steps_per_epoch * config.eval_every_epochs
                 if every and not last and step % every == 0:
-                    acc = evaluator.metrics(evaluator.class_features(state.prompt))["accuracy"]
-                    epoch_evals.append({"step": step, "epoch": step // run.steps_per_epoch, "test_accuracy": acc})
-                    writer.write(step, {"test_accuracy": acc})
-                    log.info("epoch %d: test accuracy %.4f", step // run.steps_per_epoch, acc)
+                    for r, (evaluator, writer) in enumerate(zip(evaluators, writers)):
+                        acc = evaluator.metrics(evaluator.class_features(_take(state.prompt, r)))["accuracy"]
+                        epoch = step // lead.steps_per_epoch
+                        epoch_evals[r].append({"step": step, "epoch": epoch, "test_accuracy": acc})
+                        writer.write(step, {"test_accuracy": acc})
+                        log.info("%sepoch %d: test accuracy %.4f", f"[{runs[r].workdir}] " * (num_runs > 1),
+                                 epoch, acc)
                 interrupted = stop_requested(log_step)
             check_finite()
-            if ckpt.latest_step != step:
-                ckpt.save(step, state, force=True)
+            if checkpointers[0].latest_step != step:
+                save(force=True)
             if interrupted or stop_requested(True):
                 log.warning(
                     "Interrupted at step %d; checkpoint saved, rerun with the same workdir to resume.", step
                 )
                 raise TrainingInterrupted
     finally:
-        # Shut the endless input pipeline down here, not whenever this frame is collected: left to
-        # garbage collection, its teardown stalled 13-34 s after about half of the points of a sweep.
-        train_iter.close()
-        ckpt.close()
-        writer.close()
+        # Shut the endless input pipelines down here, not whenever this frame is collected: left to
+        # garbage collection, their teardown stalled 13-34 s after about half of the points of a sweep.
+        for it in inputs:
+            it.close()
+        for c in checkpointers:
+            c.close()
+        for w in writers:
+            w.close()
     loop_s = time.time() - loop_start
-    return state, {
+    loop = {
         "steps": step,
-        "epoch_evals": epoch_evals,
         "train_loop_s": loop_s,
         # Share of the training loop (its evaluations and checkpoints included) that the host spent getting
-        # the next batch onto the devices: near 1, training is input-bound; near 0, the step is the bottleneck.
+        # the next batches onto the devices: near 1, training is input-bound; near 0, the step is the bottleneck.
         "input_wait_fraction": total_wait / max(loop_s, 1e-9),
+        "runs_together": num_runs,
     }
+    return [(_run_state(state, r), {**loop, "epoch_evals": epoch_evals[r]}) for r in range(num_runs)]
 
 
 def evaluate_phase(run: Run, evaluator: Evaluator, state: TrainState) -> tuple[dict, dict | None]:
@@ -909,27 +981,83 @@ def results_record(run: Run, zero_shot, final, train_diag, loop: dict, wall_time
         "wall_time_s": wall_time_s,
         "train_loop_s": loop["train_loop_s"],
         "input_wait_fraction": loop["input_wait_fraction"],
+        # How many runs one jitted step trained together (sweep --vectorize); 1: this run alone.
+        "runs_together": loop["runs_together"],
     }
+
+
+# Settings that runs trained together may differ in; everything else must be equal (`check_group`).
+RUN_AXIS_FIELDS = ("seed", "loss", "gce_q", "noise.")
+
+
+def check_group(configs) -> None:
+    """Raises ValueError unless the configs differ only in seed, loss and noise (and operational fields):
+    the runs then share the data shapes, prompt layout, schedule and CLIP that one jitted step needs."""
+    first = _flatten(_as_json(configs[0].to_dict()))
+    for i, config in enumerate(configs[1:], 1):
+        other = _flatten(_as_json(config.to_dict()))
+        diff = [
+            key for key in sorted(first.keys() | other.keys())
+            if not key.startswith(RUN_AXIS_FIELDS) and key not in OPERATIONAL_FIELDS
+            and first.get(key) != other.get(key)
+        ]
+        if diff:
+            raise ValueError(
+                f"runs trained together may differ in {', '.join(RUN_AXIS_FIELDS)}* only; run {i} differs from "
+                f"run 0 in {', '.join(diff)}"
+            )
+
+
+def _check_runs_match(runs: list[Run]) -> None:
+    """The tasks the runs drew must give them the same shapes (a per-class noise may leave a class short)."""
+    lead = runs[0]
+    for run in runs[1:]:
+        facts = ("steps_per_epoch", "total_steps", "batch_size", "examples_per_step", "num_epochs")
+        diff = [f for f in facts if getattr(run, f) != getattr(lead, f)]
+        if diff or not np.array_equal(run.spec.token_ids, lead.spec.token_ids):
+            raise ValueError(
+                f"{run.workdir} cannot train together with {lead.workdir}: their tasks differ in "
+                f"{', '.join(diff) or 'class prompts'}; train them one by one"
+            )
+
+
+def train_runs(configs, workdirs, clip: CLIP | None = None) -> list[dict]:
+    """Trains R runs of one setting that differ only in seed, noise and loss together, one jitted step for
+    all (`make_runs_step`), each with its own few-shot draw, labels, data order, prompt and workdir; writes
+    and returns each run's results, exactly as `train_and_evaluate` would for that run alone (to float
+    rounding; tests/test_runs.py). `clip`: as in `train_and_evaluate`."""
+    start_time = time.time()
+    if not log.handlers:  # called from Python: progress on stdout, as the command line prints it
+        log_to_stdout()
+    if len(configs) != len(workdirs) or not configs:
+        raise ValueError(f"need one workdir per config, got {len(configs)} configs and {len(workdirs)} workdirs")
+    for config in configs:
+        validate_config(config)
+    check_group(configs)
+    check_inputs(configs[0], check_model=clip is None)
+    for config, workdir in zip(configs, workdirs):
+        _prepare_workdir(config, workdir)
+    lead = setup_run(configs[0], workdirs[0], clip)
+    runs = [lead] + [setup_run(c, w, lead.clip, lead.clip_params) for c, w in zip(configs[1:], workdirs[1:])]
+    _check_runs_match(runs)
+    evaluators = [Evaluator(lead)]
+    evaluators += [Evaluator(run, shared=evaluators[0]) for run in runs[1:]]
+    zero_shots = [zero_shot_phase(run, e) for run, e in zip(runs, evaluators)]
+    tx, schedule = make_optimizer(lead.config, lead.steps_per_epoch, lead.num_epochs)
+    trained = train_phase(runs, evaluators, [create_train_state(run, tx) for run in runs], tx, schedule)
+    all_results = []
+    for run, evaluator, zero_shot, (state, loop) in zip(runs, evaluators, zero_shots, trained):
+        final, train_diag = evaluate_phase(run, evaluator, state)
+        results = results_record(run, zero_shot, final, train_diag, loop, time.time() - start_time)
+        _write_json(os.path.join(run.workdir, "results.json"), results)
+        all_results.append(results)
+    return all_results
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, clip: CLIP | None = None) -> dict:
     """Runs zero-shot evaluation, prompt tuning and final evaluation; returns (and writes) the results.
 
     `clip`: an already loaded CLIP for `config.model.source` (sweeps load it once for all their runs);
-    None loads it. It is only read, never changed.
+    None loads it. It is only read, never changed. The R = 1 case of `train_runs`.
     """
-    start_time = time.time()
-    if not log.handlers:  # called from Python: progress on stdout, as the command line prints it
-        log_to_stdout()
-    validate_config(config)
-    check_inputs(config, check_model=clip is None)
-    _prepare_workdir(config, workdir)
-    run = setup_run(config, workdir, clip)
-    evaluator = Evaluator(run)
-    zero_shot = zero_shot_phase(run, evaluator)
-    tx, schedule = make_optimizer(config, run.steps_per_epoch, run.num_epochs)
-    state, loop = train_phase(run, evaluator, create_train_state(run, tx), tx, schedule)
-    final, train_diag = evaluate_phase(run, evaluator, state)
-    results = results_record(run, zero_shot, final, train_diag, loop, time.time() - start_time)
-    _write_json(os.path.join(workdir, "results.json"), results)
-    return results
+    return train_runs([config], [workdir], clip)[0]

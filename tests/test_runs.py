@@ -1,5 +1,7 @@
 """The run axis: R runs advanced by one jitted step equal the same R runs stepped alone (each with its own
-prompt, optimizer state, batch and loss), on one device and on 8 fake devices."""
+prompt, optimizer state, batch and loss), on one device and on 8 fake devices; and whole runs trained together
+by `train.train_runs` (their own few-shot draws, noise, losses and workdirs) equal the same runs trained one by
+one, also after an interruption."""
 
 import json
 import os
@@ -9,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dspt_jax import losses, train
 from dspt_jax.data import toy
@@ -93,19 +96,10 @@ def _assert_close_ctx(got, want):
     assert err <= 1e-5 * scale, (err, scale)
 
 
-def test_runs_together_equal_runs_alone_with_images():
-    """Three runs (CE, DSPT, GCE; different prompts, images, labels and padding) stepped twice together
-    equal each stepped alone: losses to rtol 1e-5, contexts to 1e-5 of their scale."""
-    clip, spec, tx, states, batches = _setting(image_features=False)
-    names = ("ce", "dspt", "gce")
-    ctx_alone, loss_alone = _alone(clip, spec, tx, states, batches, names, steps=2)
-    ctx_together, loss_together = _together(clip, spec, tx, states, batches, names, steps=2)
-    np.testing.assert_allclose(loss_together, loss_alone, rtol=1e-5)
-    _assert_close_ctx(ctx_together, ctx_alone)
-    assert not np.allclose(ctx_alone[0], np.asarray(states[0].prompt["ctx"]))  # the prompts did move
-
-
 def test_runs_together_equal_runs_alone_with_feature_bank_and_the_same_loss_twice():
+    """Four runs (MAE twice, DSPT, CE; different prompts, features, labels and padding) stepped twice together
+    equal each stepped alone: losses to rtol 1e-5, contexts to 1e-5 of their scale. (With images, and whole
+    runs, in test_train_runs_equal_each_run_alone.)"""
     clip, spec, tx, states, batches = _setting(image_features=True, runs=4)
     names = ("mae", "dspt", "mae", "ce")
     ctx_alone, loss_alone = _alone(clip, spec, tx, states, batches, names, steps=2)
@@ -156,3 +150,70 @@ def test_runs_together_on_eight_devices_equal_runs_alone():
     got = json.loads(out.strip().splitlines()[-1])
     np.testing.assert_allclose(got["loss"], got["loss_alone"], rtol=1e-5)
     assert got["ctx_err"] <= 1e-5 * got["ctx_scale"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole runs: train_runs == train_and_evaluate one by one.
+
+POINTS = [  # (seed, noise kind, rate, loss): what a sweep varies
+    (1, "sym", 0.25, "dspt"),
+    (2, "sym", 0.5, "ce"),
+    (1, "pairflip", 0.25, "gce"),
+]
+
+
+def _point_config(seed, kind, rate, loss, **overrides):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_train import smoke_config
+
+    return smoke_config(seed=seed, loss=loss, **{"noise.kind": kind, "noise.rate": rate, "zero_shot": False,
+                                                 "log_every_steps": 3, **overrides})
+
+
+def _outputs(workdir):
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    return results, lines, np.load(os.path.join(workdir, "prompt.npz"))["ctx"]
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory):
+    base = tmp_path_factory.mktemp("alone")
+    out = []
+    for i, point in enumerate(POINTS):
+        train.train_and_evaluate(_point_config(*point), str(base / f"p{i}"))
+        out.append(_outputs(str(base / f"p{i}")))
+    return out
+
+
+def _assert_same_runs(together, alone):
+    for (r_t, lines_t, ctx_t), (r_a, lines_a, ctx_a) in zip(together, alone):
+        assert r_t["runs_together"] == len(POINTS) and r_a["runs_together"] == 1
+        for key in ("steps", "epochs", "batch_size", "seed", "loss", "dataset"):
+            assert r_t[key] == r_a[key], key
+        # The same noise setting, and a noise record of the same name (the same labels: its name hashes them).
+        noise_t, noise_a = dict(r_t["noise"]), dict(r_a["noise"])
+        assert os.path.basename(noise_t.pop("record")) == os.path.basename(noise_a.pop("record"))
+        assert noise_t == noise_a
+        assert r_t["train"]["num_flipped"] == r_a["train"]["num_flipped"]  # the same noisy labels
+        np.testing.assert_allclose([l["loss"] for l in lines_t], [l["loss"] for l in lines_a], rtol=1e-5)
+        _assert_close_ctx(ctx_t, ctx_a)
+        # Accuracy: the same predictions unless a float-rounding tie flips one test example.
+        assert abs(r_t["final"]["accuracy"] - r_a["final"]["accuracy"]) <= 1 / r_a["final"]["num_examples"]
+
+
+def test_train_runs_equal_each_run_alone_also_after_an_interruption(alone, tmp_path):
+    """The three points trained together, stopped at step 6 of 12 and rerun, end as each trained alone."""
+    workdirs = [str(tmp_path / f"p{i}") for i in range(len(POINTS))]
+    first = train.train_runs([_point_config(*p, max_steps=6) for p in POINTS], workdirs)
+    assert [r["steps"] for r in first] == [6] * len(POINTS)
+    train.train_runs([_point_config(*p) for p in POINTS], workdirs)
+    _assert_same_runs([_outputs(w) for w in workdirs], alone)
+
+
+def test_runs_that_differ_in_more_than_seed_noise_and_loss_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"run 1 differs from run 0 in optim.lr"):
+        train.train_runs([_point_config(*POINTS[0]), _point_config(*POINTS[1], **{"optim.lr": 0.1})],
+                         [str(tmp_path / "a"), str(tmp_path / "b")])
