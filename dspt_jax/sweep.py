@@ -5,7 +5,8 @@
 
 Each grid point trains in its own sub-workdir `<workdir>/<kind>_r<rate>/<loss>/seed<seed>` (for example
 `sym_r0.500/dspt/seed1`) by calling `dspt_jax.train.train_and_evaluate` in this process, one point after
-the other. An axis left out takes the base config's value. Rate 0 with a synthetic kind is clean data
+the other; with `--vectorize` the missing points train together (`dspt_jax.train.train_runs`: one jitted
+step advances all of them, each with its own data, labels, loss, prompt and sub-workdir). An axis left out takes the base config's value. Rate 0 with a synthetic kind is clean data
 (the data layer flips int(0 * N) = 0 labels) and is tabulated under that kind.
 
 Resuming: a point whose results.json exists and matches the point is skipped, so rerunning the same
@@ -239,13 +240,22 @@ def run_sweep(
     seeds: Sequence[int],
     *,
     aggregate: bool = True,
+    vectorize: bool = False,
+    max_runs_per_program: int | None = None,
 ) -> SweepReport:
-    """Runs every missing grid point in turn, then aggregates `workdir` (see the module docstring).
+    """Runs every missing grid point, then aggregates `workdir` (see the module docstring).
+
+    One point after another, or with `vectorize` the missing points together (`train.train_runs`: one
+    jitted step for up to `max_runs_per_program` points, default all of them), each still in its own
+    sub-workdir with the files a sequential run writes.
 
     Raises ValueError, before any training, for an invalid grid or a sub-workdir of a different setting.
-    A point that raises an Exception is recorded in the report's `failed` and the sweep continues;
-    KeyboardInterrupt stops it (the interrupted point has saved a checkpoint; rerun to resume).
+    A point (or a group of points trained together) that raises an Exception is recorded in the report's
+    `failed` and the sweep continues; KeyboardInterrupt stops it (the interrupted points have saved a
+    checkpoint; rerun to resume).
     """
+    if max_runs_per_program is not None and max_runs_per_program < 1:
+        raise ValueError(f"--max_runs_per_program must be >= 1, got {max_runs_per_program}")
     points = make_grid(kinds, rates, losses, seeds)
     validate_grid(base_config, points)
     configs = [point_config(base_config, p) for p in points]
@@ -279,41 +289,54 @@ def run_sweep(
     durations: list[float] = []
     remaining = todo
     clips = _ClipCache()
+    todo_items = []
     for i, (point, config, state) in enumerate(zip(points, configs, status), 1):
         if state == "done":
             report.skipped.append(point.name)
             log.info("[%d/%d] %s: finished before, skipped", i, total, point.describe())
-            continue
-        log.info("[%d/%d] %s: running in %s", i, total, point.describe(), os.path.join(workdir, point.name))
+        else:
+            todo_items.append((i, point, config))
+    size = (max_runs_per_program or len(todo_items) or 1) if vectorize else 1
+    for g in range(0, len(todo_items), size):
+        group = todo_items[g : g + size]
+        workdirs = [os.path.join(workdir, point.name) for _, point, _ in group]
+        for (i, point, _), sub in zip(group, workdirs):
+            log.info("[%d/%d] %s: running in %s%s", i, total, point.describe(), sub,
+                     f" (together with {len(group) - 1} more)" if len(group) > 1 else "")
         t0 = time.time()
         try:
-            results = train.train_and_evaluate(
-                config, os.path.join(workdir, point.name), clip=clips.get(config)
-            )
-        except Exception as e:  # noqa: BLE001 -- one bad point must not end a long sweep
-            log.error("[%d/%d] %s FAILED: %s\n%s", i, total, point.describe(), e, traceback.format_exc())
+            configs_g = [config for _, _, config in group]
+            clip = clips.get(configs_g[0])
+            if vectorize:
+                results = train.train_runs(configs_g, workdirs, clip=clip)
+            else:
+                results = [train.train_and_evaluate(configs_g[0], workdirs[0], clip=clip)]
+            outcomes = [f"test accuracy {r['final']['accuracy']:.4f}" for r in results]
+        except Exception as e:  # noqa: BLE001 -- one bad point (or group) must not end a long sweep
+            names = ", ".join(point.describe() for _, point, _ in group)
+            log.error("%s FAILED: %s\n%s", names, e, traceback.format_exc())
             if jax.process_count() > 1:
                 # The error may be this host's alone (an unreadable image in its rows): going on to the
                 # next point while the other hosts wait in this one's collectives would hang the sweep.
                 raise
-            report.failed.append((point.name, f"{type(e).__name__}: {e}"))
-            outcome = "failed"
+            report.failed += [(point.name, f"{type(e).__name__}: {e}") for _, point, _ in group]
+            outcomes = ["failed"] * len(group)
         else:
-            report.ran.append(point.name)
-            outcome = f"test accuracy {results['final']['accuracy']:.4f}"
-        durations.append(time.time() - t0)
-        remaining -= 1
+            report.ran += [point.name for _, point, _ in group]
+        durations += [(time.time() - t0) / len(group)] * len(group)
+        remaining -= len(group)
         eta = remaining * sum(durations) / len(durations)
-        log.info(
-            "[%d/%d] %s: %s in %s; elapsed %s, ETA %s",
-            i,
-            total,
-            point.describe(),
-            outcome,
-            _hms(durations[-1]),
-            _hms(time.time() - start),
-            _hms(eta),
-        )
+        for (i, point, _), outcome in zip(group, outcomes):
+            log.info(
+                "[%d/%d] %s: %s in %s; elapsed %s, ETA %s",
+                i,
+                total,
+                point.describe(),
+                outcome,
+                _hms(durations[-1] * len(group)),
+                _hms(time.time() - start),
+                _hms(eta),
+            )
 
     log.info(
         "Sweep done in %s: %d ran, %d skipped, %d failed",
@@ -382,6 +405,19 @@ def define_flags(flag_values=None, sys_argv: Sequence[str] | None = None) -> Non
         flag_values=fv,
     )
     flags.DEFINE_bool(
+        "vectorize",
+        False,
+        "Train the missing points together, one jitted step for all (train.train_runs); each point keeps its "
+        "own sub-workdir and files.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "max_runs_per_program",
+        None,
+        "With --vectorize: at most this many points per jitted program (default: all missing points).",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool(
         "distributed",
         False,
         "Call jax.distributed.initialize() first (the workdir must be on a file system all hosts see).",
@@ -425,7 +461,15 @@ def run_from_flags(fv) -> int:
     losses = fv["losses"].value or [config.loss]
     seeds = _parse_list(fv["seeds"].value or [config.seed], int, "seeds")
     report = run_sweep(
-        config, fv["workdir"].value, kinds, rates, losses, seeds, aggregate=fv["aggregate"].value
+        config,
+        fv["workdir"].value,
+        kinds,
+        rates,
+        losses,
+        seeds,
+        aggregate=fv["aggregate"].value,
+        vectorize=fv["vectorize"].value,
+        max_runs_per_program=fv["max_runs_per_program"].value,
     )
     return 0 if report.ok else 1
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from absl import flags
 
@@ -355,3 +356,42 @@ def parse(argv):
     sweep.define_flags(fv, sys_argv=argv)
     fv(argv)
     return fv
+
+
+def test_vectorized_sweep_resumes_after_ctrl_c_to_the_same_results(tmp_path):
+    """--vectorize: the 4 points train together (runs_together 4), each in its own sub-workdir; Ctrl-C
+    mid-training and the same command again end with the results of an uninterrupted vectorized sweep.
+    (That runs trained together equal runs trained alone is tests/test_runs.py's.)"""
+    import signal
+
+    flags = ["--vectorize", "--config.max_steps=4", "--config.log_every_steps=1", "--config.zero_shot=False",
+             "--config.checkpoint_every_steps=100000", "--aggregate=False"]
+    straight = str(tmp_path / "straight")
+    code, log = run_cli(straight, *flags)
+    assert code == 0, log
+    assert "4 ran, 0 skipped, 0 failed" in log and "(together with 3 more)" in log
+
+    interrupted = str(tmp_path / "interrupted")
+    cmd = [sys.executable, "-m", "dspt_jax.sweep", f"--workdir={interrupted}", *GRID_FLAGS, *flags]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # wait until the 4 runs are training together
+        if " step 2/4" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
+    assert not any(os.path.exists(os.path.join(interrupted, p, "results.json")) for p in POINTS)
+    code, log = run_cli(interrupted, *flags)
+    assert code == 0, log
+    for name in POINTS:
+        with open(os.path.join(straight, name, "results.json")) as f:
+            want = json.load(f)
+        with open(os.path.join(interrupted, name, "results.json")) as f:
+            got = json.load(f)
+        assert got["runs_together"] == want["runs_together"] == 4 and got["steps"] == want["steps"] == 4
+        assert got["final"]["accuracy"] == want["final"]["accuracy"]
+        with open(os.path.join(straight, name, "metrics.jsonl")) as f:
+            want_losses = [json.loads(line)["loss"] for line in f]
+        with open(os.path.join(interrupted, name, "metrics.jsonl")) as f:
+            got_losses = [json.loads(line)["loss"] for line in f]
+        np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
