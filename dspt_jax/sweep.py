@@ -6,8 +6,9 @@
 Each grid point trains in its own sub-workdir `<workdir>/<kind>_r<rate>/<loss>/seed<seed>` (for example
 `sym_r0.500/dspt/seed1`) by calling `dspt_jax.train.train_and_evaluate` in this process, one point after
 the other; with `--vectorize` the missing points train together (`dspt_jax.train.train_runs`: one jitted
-step advances all of them, each with its own data, labels, loss, prompt and sub-workdir). An axis left out takes the base config's value. Rate 0 with a synthetic kind is clean data
-(the data layer flips int(0 * N) = 0 labels) and is tabulated under that kind.
+step advances all of them, each with its own data, labels, loss, prompt and sub-workdir). An axis left out
+takes the base config's value. Rate 0 with a synthetic kind is clean data (the data layer flips
+int(0 * N) = 0 labels) and is tabulated under that kind.
 
 Resuming: a point whose results.json exists and matches the point is skipped, so rerunning the same
 command after an interruption only runs what is missing (a point cut mid-training resumes from its own
