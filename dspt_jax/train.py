@@ -12,7 +12,6 @@ respect to the prompt only, so the frozen towers cost no weight gradients.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -290,19 +289,10 @@ def make_train_step(
     )
 
     def train_step(state: TrainState, clip_params, frozen_embeds, batch):
-        add_run_axis = functools.partial(jax.tree.map, lambda x: x[None])
-        runs = state.replace(
-            prompt=add_run_axis(state.prompt),
-            opt_state=add_run_axis(state.opt_state),
-            first_bad_step=state.first_bad_step[None],
+        runs, step_metrics = runs_step(
+            _stack_runs([state]), clip_params, frozen_embeds, jnp.zeros(1, jnp.int32), _stack([batch])
         )
-        runs, step_metrics = runs_step(runs, clip_params, frozen_embeds, jnp.zeros(1, jnp.int32),
-                                       add_run_axis(batch))
-        take_run = functools.partial(jax.tree.map, lambda x: x[0])
-        new_state = runs.replace(
-            prompt=take_run(runs.prompt), opt_state=take_run(runs.opt_state), first_bad_step=runs.first_bad_step[0]
-        )
-        return new_state, take_run(step_metrics)
+        return _run_state(runs, 0), _take(step_metrics, 0)
 
     return train_step
 
@@ -715,8 +705,9 @@ def _take(tree, r: int):
     return jax.tree.map(lambda x: x[r], tree)
 
 
-def _stack(trees):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+def _stack(trees, xp=jnp):
+    """Trees of equal structure -> one tree with a leading axis (`xp=np`: on the host)."""
+    return jax.tree.map(lambda *xs: xp.stack(xs), *trees)
 
 
 def _stack_runs(states: list[TrainState]) -> TrainState:
@@ -833,7 +824,7 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
 
             while step < total and not interrupted:
                 t_wait = time.time()
-                local = _stack([next(it) for it in inputs])  # [R, rows of this host, ...]
+                local = _stack([next(it) for it in inputs], np)  # [R, rows of this host, ...], on the host
                 batch = sharding.to_global(local, mesh, examples)  # the next batch, on the devices
                 t_wait = time.time() - t_wait
                 input_wait += t_wait

@@ -51,10 +51,6 @@ def _setting(image_features: bool, runs: int = 3, batch_size: int = 8):
     return clip, spec, tx, states, batches
 
 
-def _stack(trees):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
 def _alone(clip, spec, tx, states, batches, loss_names, steps):
     """Each run by the single-run step with its own loss: final ctx [R, ...] and per-step losses [steps, R]."""
     frozen = clip.token_embeddings(spec.token_ids)
@@ -74,11 +70,10 @@ def _alone(clip, spec, tx, states, batches, loss_names, steps):
 
 def _together(clip, spec, tx, states, batches, loss_names, steps):
     frozen = clip.token_embeddings(spec.token_ids)
-    runs = _stack(states)
-    runs = runs.replace(step=states[0].step)  # one step counter for all
+    runs = train._stack_runs(states)  # one step counter for all
     loss_ids = jnp.asarray([LOSSES.index(n) for n in loss_names], jnp.int32)
     step = jax.jit(train.make_runs_step(clip.module, spec, [losses.get_loss_fn(n) for n in LOSSES], tx))
-    batch = _stack(batches)
+    batch = train._stack(batches)
     step_losses = []
     for _ in range(steps):
         runs, m = step(runs, clip.params, frozen, loss_ids, batch)
@@ -129,8 +124,8 @@ step = jax.jit(
     train.make_runs_step(clip.module, spec, [losses.get_loss_fn(n) for n in T.LOSSES], tx,
                          class_sharding=sharding.batch_sharding(mesh)),
     in_shardings=(repl, repl, repl, repl, examples), out_shardings=(repl, repl))
-runs = T._stack(states).replace(step=states[0].step)
-batch = jax.device_put(T._stack(batches), examples)
+runs = train._stack_runs(states)
+batch = jax.device_put(train._stack(batches), examples)
 loss_ids = jnp.asarray([T.LOSSES.index(n) for n in names], jnp.int32)
 frozen = clip.token_embeddings(spec.token_ids)
 got = []
