@@ -13,7 +13,7 @@ def default_config() -> ml_collections.ConfigDict:
     # 1, 2, 3 in CoOp's protocol. Drives the few-shot sample, the label noise, the prompt init and the
     # data order. 0 is a seed like any other.
     config.seed = 1
-    # dspt (double-softmax CE, the method) | ce (CoOp) | gce | mae
+    # dspt (double-softmax CE, the method) | ce (CoOp) | gce | mae | sce | nce_rce | taylor_ce (losses.py)
     config.loss = "dspt"
     config.gce_q = 0.5
 

@@ -13,6 +13,10 @@ Labels outside ``[0, K)`` (for example ``-1`` on padding rows) give a NaN loss f
 silently wrong number. Reduce with :func:`masked_mean`, which ignores masked rows even when they are NaN,
 and whose gradient with respect to the logits of those rows is exactly zero.
 
+Losses (name in :data:`LOSSES` / ``--config.loss``): ``dspt`` (the method), ``ce`` (CoOp), and the
+robust baselines ``gce``, ``mae``, ``sce`` (symmetric CE), ``nce_rce`` (active-passive NCE+RCE) and
+``taylor_ce`` (Taylor CE), each with the defaults documented on its function.
+
 Notation: ``z`` are the logits, ``p = softmax(z)``, ``y`` the label, ``K`` the number of classes.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import Callable
 
 import jax
@@ -137,11 +142,139 @@ def mean_absolute_error(logits, labels) -> jax.Array:
     return _one_minus_exp(label_log_prob)
 
 
+def _check_hyperparameter(name: str, value, *, loss: str, negative: bool = False) -> float:
+    """Validates a loss hyperparameter, a concrete finite number ``>= 0`` (``< 0`` if ``negative``)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError) as e:
+        raise ValueError(f"{loss} {name} must be a concrete number; got {value!r}.") from e
+    if not math.isfinite(v):
+        raise ValueError(f"{loss} {name} must be finite; got {value!r}.")
+    if negative and not v < 0.0:
+        raise ValueError(f"{loss} {name} must be < 0; got {value!r}.")
+    if not negative and v < 0.0:
+        raise ValueError(f"{loss} {name} must be >= 0; got {value!r}.")
+    return v
+
+
+def _reverse_cross_entropy(label_log_prob: jax.Array, log_zero: float) -> jax.Array:
+    """RCE ``-sum_k p_k log q_k`` with ``q`` = onehot(y) clipped so that ``log 0 = log_zero`` (``A < 0``).
+
+    ``log q_y = 0`` and ``log q_k = A`` for ``k != y``, hence ``RCE = -A * sum_{k != y} p_k = -A (1 - p_y)``:
+    a multiple of MAE, bounded by ``-A``.
+    """
+    return -log_zero * _one_minus_exp(label_log_prob)
+
+
+def symmetric_cross_entropy(logits, labels, alpha: float = 0.1, beta: float = 1.0,
+                            log_zero: float = -4.0) -> jax.Array:
+    """Symmetric cross-entropy, SCE (Wang et al., ICCV 2019), per example: ``L = alpha CE + beta RCE``.
+
+    ``CE = -log p_y``; ``RCE = -sum_k p_k log q_k`` is the reverse cross-entropy, with the label
+    distribution ``q = onehot(y)`` clipped so that ``log 0`` reads ``A = log_zero``, which makes
+    ``RCE = -A (1 - p_y)``. Hence ``L = -alpha log p_y - beta A (1 - p_y)`` and
+    ``dL/dz = (alpha - beta A p_y) (p - onehot(y))``.
+
+    Defaults: ``alpha = 0.1, beta = 1.0`` are the paper's CIFAR-10 values (it uses ``alpha = 6.0,
+    beta = 0.1`` on CIFAR-100); ``A = -4`` is the paper's choice. (The widely copied PyTorch ``SCELoss``
+    clamps the one-hot at ``1e-4``, i.e. ``A = log 1e-4 ~= -9.21``: pass ``log_zero=math.log(1e-4)`` to match
+    it; only the product ``beta * A`` matters.)
+
+    Raises:
+        ValueError: unless ``alpha, beta >= 0`` and ``log_zero < 0`` are concrete finite numbers.
+    """
+    alpha = _check_hyperparameter("alpha", alpha, loss="SCE")
+    beta = _check_hyperparameter("beta", beta, loss="SCE")
+    log_zero = _check_hyperparameter("log_zero", log_zero, loss="SCE", negative=True)
+    _, label_log_prob = _log_probs_and_label_log_prob(logits, labels)
+    return alpha * -label_log_prob + beta * _reverse_cross_entropy(label_log_prob, log_zero)
+
+
+def nce_rce(logits, labels, alpha: float = 1.0, beta: float = 1.0, log_zero: float = -4.0) -> jax.Array:
+    """Active-passive loss NCE+RCE (Ma et al., ICML 2020), per example: ``L = alpha NCE + beta RCE``.
+
+    ``NCE = (-log p_y) / (-sum_k log p_k)`` is the normalized cross-entropy (the "active" term, in
+    ``[0, 1]``), and ``RCE = -A (1 - p_y)`` the reverse cross-entropy of :func:`symmetric_cross_entropy`
+    (the "passive" term). The NCE denominator is at least ``K log K > 0`` for ``K >= 2``; with ``K = 1``
+    the ratio is ``0 / 0`` and is defined as 0 (the label is certain). Gradient of NCE, with
+    ``a = -log p_y`` and ``b = -sum_k log p_k``: ``dNCE/dz = ((p - onehot(y)) b - a (K p - 1)) / b^2``.
+
+    Defaults: ``alpha = beta = 1`` are the paper's CIFAR-10 values (it uses ``alpha = 10, beta = 0.1`` on
+    CIFAR-100); ``A = -4`` as in SCE (the authors' code clamps at ``1e-4``, ``A = log 1e-4``; see
+    :func:`symmetric_cross_entropy`).
+
+    Raises:
+        ValueError: unless ``alpha, beta >= 0`` and ``log_zero < 0`` are concrete finite numbers.
+    """
+    alpha = _check_hyperparameter("alpha", alpha, loss="NCE+RCE")
+    beta = _check_hyperparameter("beta", beta, loss="NCE+RCE")
+    log_zero = _check_hyperparameter("log_zero", log_zero, loss="NCE+RCE", negative=True)
+    log_probs, label_log_prob = _log_probs_and_label_log_prob(logits, labels)
+    # An invalid label makes label_log_prob NaN. Keep that NaN out of the quotient: the division's backward
+    # pass multiplies the (zero, on a masked row) cotangent by -a/b^2, and 0 * NaN would reach the logits
+    # through the denominator. The NaN is put back by the final `where`, whose backward pass is a select.
+    valid = ~jnp.isnan(label_log_prob)
+    numerator = -jnp.where(valid, label_log_prob, 0.0)
+    denominator = -jnp.sum(log_probs, axis=-1)
+    positive = denominator > 0.0  # False only for K = 1 (and for NaN logits)
+    nce = jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
+    nce = jnp.where(valid, nce, jnp.nan)
+    return alpha * nce + beta * _reverse_cross_entropy(label_log_prob, log_zero)
+
+
+def _check_taylor_order(order) -> int:
+    """Validates the Taylor order (a concrete integer >= 1) and returns it as an int."""
+    if isinstance(order, bool):
+        raise ValueError(f"Taylor CE order must be an integer >= 1; got {order!r}.")
+    try:
+        value = operator.index(order)
+    except TypeError:
+        try:
+            as_float = float(order)
+        except (TypeError, ValueError, jax.errors.ConcretizationTypeError) as e:
+            raise ValueError(f"Taylor CE order must be a concrete integer >= 1; got {order!r}.") from e
+        if not (math.isfinite(as_float) and as_float.is_integer()):
+            raise ValueError(f"Taylor CE order must be an integer >= 1; got {order!r}.") from None
+        value = int(as_float)
+    if value < 1:
+        raise ValueError(f"Taylor CE order must be an integer >= 1; got {order!r} (order 1 is MAE).")
+    return value
+
+
+def taylor_cross_entropy(logits, labels, order: int = 2) -> jax.Array:
+    """Taylor cross-entropy (Feng et al., IJCAI 2020), per example: ``L = sum_{i=1..t} (1 - p_y)^i / i``.
+
+    The order-``t`` Taylor polynomial of ``-log p_y`` around ``p_y = 1``: ``t = 1`` is MAE, ``t = 2`` is
+    MAE plus half the squared error on the label, and ``t -> infinity`` gives cross-entropy. With
+    ``u = 1 - p_y``: ``dL/dz = (sum_{i=0..t-1} u^i) p_y (p - onehot(y))`` (for large ``t`` this tends to
+    the CE gradient ``p - onehot(y)``). ``L <= sum_{i=1..t} 1/i``, bounded, hence robust.
+
+    Default: ``t = 2``, the second-order member the paper uses as its example (MAE + MSE-like); the paper
+    treats ``t`` as a per-dataset hyperparameter (``t = 1`` recovers MAE; larger ``t`` fits faster and
+    is less robust). ``u`` is computed from ``log p_y`` with an ``expm1`` branch and the polynomial by
+    Horner's rule, so values and gradients are accurate both for ``p_y -> 1`` and ``p_y -> 0``.
+
+    Raises:
+        ValueError: if ``order`` is not a concrete integer ``>= 1``.
+    """
+    order = _check_taylor_order(order)
+    _, label_log_prob = _log_probs_and_label_log_prob(logits, labels)
+    u = _one_minus_exp(label_log_prob)
+    # Horner: u (1 + u (1/2 + u (1/3 + ... + u / t))).
+    acc = jnp.full_like(u, 1.0 / order)
+    for i in range(order - 1, 0, -1):
+        acc = 1.0 / i + u * acc
+    return u * acc
+
+
 LOSSES: dict[str, LossFn] = {
     "dspt": double_softmax_cross_entropy,
     "ce": cross_entropy,
     "gce": generalized_cross_entropy,  # with its default q = 0.5; use get_loss_fn to choose q
     "mae": mean_absolute_error,
+    "sce": symmetric_cross_entropy,  # alpha = 0.1, beta = 1, A = -4 (SCE paper, CIFAR-10)
+    "nce_rce": nce_rce,  # alpha = beta = 1, A = -4 (Ma et al. 2020, CIFAR-10)
+    "taylor_ce": taylor_cross_entropy,  # order t = 2
 }
 
 
@@ -149,7 +282,8 @@ def get_loss_fn(name: str, *, gce_q: float = 0.5) -> LossFn:
     """Returns the per-example loss ``(logits, labels) -> [B] float32`` named ``name``.
 
     Args:
-        name: one of ``"dspt"``, ``"ce"``, ``"gce"``, ``"mae"``.
+        name: one of ``"dspt"``, ``"ce"``, ``"gce"``, ``"mae"``, ``"sce"``, ``"nce_rce"``, ``"taylor_ce"``;
+            the last three with their documented default hyperparameters.
         gce_q: the GCE exponent, used (and validated) only when ``name == "gce"``.
 
     Raises:

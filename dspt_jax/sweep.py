@@ -391,7 +391,7 @@ def define_flags(flag_values=None, sys_argv: Sequence[str] | None = None) -> Non
         "rates", None, "Noise rates in [0, 1] (default: the config's noise.rate).", flag_values=fv
     )
     flags.DEFINE_list(
-        "losses", None, "Losses: ce, dspt, gce, mae (default: the config's loss).", flag_values=fv
+        "losses", None, "Losses: ce, dspt, gce, mae, sce, nce_rce, taylor_ce (default: the config's loss).", flag_values=fv
     )
     flags.DEFINE_list("seeds", None, "Integer seeds (default: the config's seed).", flag_values=fv)
     flags.DEFINE_bool(
