@@ -8,6 +8,7 @@ shapes with random weights, so it needs no checkpoint and no data:
   python -m dspt_jax.bench --reference            # also the PyTorch CoOp step, same shapes and weights
   python -m dspt_jax.bench --estimate=caltech101  # wall time of a whole CoOp run in each feature mode
   python -m dspt_jax.bench --text=shared_prefix,full --dtype=float32,bfloat16   # effect of each option
+  python -m dspt_jax.bench --backbone=rn50 --image_tower   # OpenAI's RN50 shapes; image tower alone too
 
 Per case it prints steps/s and images/s (median over `--repeats` timed windows of `--steps` steps, after a
 warm-up step; compilation timed apart), the step's FLOPs per device from XLA's cost analysis, the achieved
@@ -21,6 +22,8 @@ Options of the step (each a comma-separated list; the cases are their product):
                                          against it, or on K full (cut) sequences
   --dtype float32 | bfloat16             compute dtype of the towers; the loss is float32 either way
 With several devices the batch is sharded over them and, unless --noshard_classes, so are the K prompts.
+`--image_tower` also times the image tower alone (forward, batch `--image_tower_batch`): the cost per image
+of feature caches and evaluation, and of every step in `computed` mode.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ ESTIMATES = {
 SHOTS = 16
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("backbone", "vit_b16", f"one of {sorted(PRESETS)}")
+flags.DEFINE_string("backbone", "vit_b16", f"one of {sorted(PRESETS)} (OpenAI's shapes, random weights)")
 flags.DEFINE_list("num_classes", ["100"], "class counts (e.g. 10,100,1000)")
 flags.DEFINE_integer("batch_size", 32, "training batch (CoOp: 32)")
 flags.DEFINE_list("image_features", ["cached", "computed"], "computed | cached")
@@ -77,6 +80,8 @@ flags.DEFINE_bool("reference", False, "also time the PyTorch CoOp step (benchmar
 flags.DEFINE_bool("compile_only", False, "FLOPs and memory of the compiled step only: nothing runs "
                   "(shapes that would not fit, per-device costs of a mesh)")
 flags.DEFINE_string("estimate", "", f"whole-run wall time of a 16-shot CoOp run on one of {sorted(ESTIMATES)}")
+flags.DEFINE_bool("image_tower", False, "also time the image tower alone (forward): ms per image")
+flags.DEFINE_integer("image_tower_batch", 32, "images per forward pass of --image_tower")
 flags.DEFINE_integer("peak_size", 0, "matmul size for the peak (0: 2048 on CPU, 8192 on accelerators)")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -282,6 +287,10 @@ def main(argv):
     for name in FLAGS.dtype:
         if name not in DTYPES:
             raise app.UsageError(f"--dtype={name!r}: one of {sorted(DTYPES)}")
+    if FLAGS.reference and PRESETS[FLAGS.backbone].is_resnet:
+        raise app.UsageError(
+            f"--reference is transformers' CLIPModel, which has no ResNet image tower: it times ViT backbones "
+            f"only (--backbone={FLAGS.backbone})")
     if FLAGS.compile_only and (FLAGS.reference or FLAGS.estimate):
         raise app.UsageError("--compile_only times nothing: it goes with neither --reference nor --estimate")
     if FLAGS.estimate and FLAGS.estimate not in ESTIMATES:
@@ -347,10 +356,20 @@ def main(argv):
             print(f"  first-step loss: ours {r['first_loss']:.6f}, reference {ref_result['first_loss']:.6f}",
                   flush=True)
 
+    image_tower = {}
+    if FLAGS.image_tower and not FLAGS.compile_only:
+        for dtype in FLAGS.dtype:
+            rate = image_encode_rate(_random_clip(clips, dtype), FLAGS.image_tower_batch)
+            image_tower[dtype] = {"images_per_s": rate, "ms_per_image": 1e3 / rate}
+            print(f"image tower alone ({FLAGS.backbone}, {dtype}, batch {FLAGS.image_tower_batch}): "
+                  f"{1e3 / rate:.1f} ms per image, {rate:.2f} images/s", flush=True)
+
     # JSON has no NaN: what was not measured (--compile_only) is null.
     cases = [{k: None if isinstance(v, float) and np.isnan(v) else v for k, v in c.items()} for c in cases]
     summary = {"device": device.device_kind, "platform": jax.default_backend(), "devices": jax.device_count(),
                "peak_flops_per_device": peaks, "cases": cases, "steps_per_s": cases[-1]["steps_per_s"]}
+    if image_tower:
+        summary["image_tower"] = image_tower
     if FLAGS.estimate:
         summary["estimate"] = estimate(FLAGS.estimate, cases, _random_clip(clips, FLAGS.dtype[-1]))
     print(json.dumps(summary))

@@ -26,9 +26,11 @@ def default_config() -> ml_collections.ConfigDict:
     del config.data["seed"]
 
     config.model = ml_collections.ConfigDict()
-    # A local directory (config.json + weights), a hub id (read from the local Hugging Face cache),
+    # The backbone, in one field: an OpenAI model name ("RN50", "RN101", "RN50x4", "ViT-B/16", ...: OpenAI's
+    # .pt file in $DSPT_JAX_CLIP_DIR; RN50 is the label-noise papers' backbone), a checkpoint file, a local
+    # directory (transformers or open_clip layout), a hub id (read from the local Hugging Face cache),
     # "random:<preset>" (random weights, shapes of `dspt_jax.models.clip.PRESETS`) or "synthetic" (the
-    # offline synthetic world's tiny CLIP). See `dspt_jax.model_source`.
+    # offline synthetic world's tiny CLIP). See `dspt_jax.model_source` and the README's Backbones.
     config.model.source = "openai/clip-vit-base-patch16"
     config.model.compute_dtype = "float32"  # or "bfloat16": towers only; the loss is always float32
     # How the text tower encodes the K class prompts; none of these changes a result beyond float rounding.

@@ -90,11 +90,16 @@ def encode_split(encode, params, batches: Iterable[dict], mesh) -> dict[str, np.
 
 
 def weights_fingerprint(clip_params) -> str:
-    """A hash of the image tower's projection and patch embedding: a checkpoint replaced under the same path
-    gets other features."""
+    """A hash of the image tower's first and last weights (ViT: projection and patch embedding; ResNet:
+    attention pool output and stem convolution): a checkpoint replaced under the same path gets other
+    features."""
     h = hashlib.sha1()
-    vision = clip_params["vision_model"]["embeddings"]["patch_embedding"]["kernel"]
-    for leaf in (clip_params["visual_projection"]["kernel"], vision):
+    tower = clip_params["vision_model"]
+    if "visual_projection" in clip_params:
+        leaves = (clip_params["visual_projection"]["kernel"], tower["embeddings"]["patch_embedding"]["kernel"])
+    else:
+        leaves = (tower["attnpool"]["c_proj"]["kernel"], tower["conv1"]["kernel"])
+    for leaf in leaves:
         h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
     return h.hexdigest()
 

@@ -1,6 +1,7 @@
 """Where a run's CLIP comes from: every form of `config.model.source`, resolved to loaded weights.
 
-  * a local checkpoint directory or a Hugging Face hub id: `models.loading` reads it;
+  * an OpenAI model name ("RN50", "ViT-B/16", ...), a checkpoint file, a local checkpoint directory or a
+    Hugging Face hub id: `models.loading` reads it;
   * "random:<preset>": random weights with the shapes of `models.clip.PRESETS` (speed and memory checks);
   * "synthetic" or "synthetic:<recipe>": the offline synthetic world's tiny CLIP, pretrained on first use and
     cached (`pretrain`), then read back as a checkpoint directory.

@@ -62,3 +62,22 @@ def test_compile_only_reports_per_device_flops_as_strict_json():
     summary = json.loads(proc.stdout.strip().splitlines()[-1], parse_constant=no_nan)
     (case,) = summary["cases"]
     assert case["flops_per_device"] > 0 and case["steps_per_s"] is None and summary["steps_per_s"] is None
+
+
+def test_resnet_bench_times_the_image_tower():
+    proc = subprocess.run(
+        [sys.executable, "-m", "dspt_jax.bench", "--backbone=tiny_rn", "--num_classes=10", "--batch_size=8",
+         "--steps=1", "--repeats=1", "--image_tower", "--image_tower_batch=4", "--peak_size=256"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {c["image_features"] for c in summary["cases"]} == {"cached", "computed"}
+    assert all(c["steps_per_s"] > 0 for c in summary["cases"])
+    assert summary["image_tower"]["float32"]["ms_per_image"] > 0
+    assert "image tower alone (tiny_rn, float32, batch 4)" in proc.stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", "dspt_jax.bench", "--backbone=tiny_rn", "--reference"], cwd=REPO,
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert refused.returncode != 0 and "no ResNet image tower" in refused.stderr + refused.stdout

@@ -1,8 +1,10 @@
-"""A Linen CLIP (ViT image tower + causal text tower) whose parameter tree mirrors HF `FlaxCLIPModel`.
+"""A Linen CLIP (ViT or ModifiedResNet image tower + causal text tower) whose tree mirrors HF `FlaxCLIPModel`.
 
 Parameter names follow transformers' Flax CLIP exactly (`text_model/encoder/layers/0/self_attn/q_proj/kernel`,
 `vision_model/pre_layrnorm/scale`, `visual_projection/kernel`, `logit_scale`, ...), so a `flax_model.msgpack`
-written by `FlaxCLIPModel.save_pretrained` loads without renaming.
+written by `FlaxCLIPModel.save_pretrained` loads without renaming. transformers has no ResNet CLIP: with a
+`ResNetConfig` image tower (`models/resnet.py`) `vision_model/` holds OpenAI's names and there is no
+`visual_projection` (the attention pool projects to the joint space itself).
 
 The text tower has three entry points:
   * `encode_text(input_ids)`: the usual path; the pooled feature is taken at the end-of-text token, which
@@ -26,6 +28,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from dspt_jax.models.resnet import ModifiedResNet, ResNetConfig
 
 Array = jax.Array
 
@@ -64,12 +68,17 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
 
 
+# `vision_config.model_type` of a ResNet image tower in our config.json (transformers has none).
+RESNET_MODEL_TYPE = "openai_modified_resnet"
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
-    """The architecture. Defaults are ViT-B/16 (openai/clip-vit-base-patch16)."""
+    """The architecture. Defaults are ViT-B/16 (openai/clip-vit-base-patch16); `vision` may be a
+    `ResNetConfig` (OpenAI's RN50 and relatives)."""
 
     text: TextConfig = TextConfig()
-    vision: VisionConfig = VisionConfig()
+    vision: VisionConfig | ResNetConfig = VisionConfig()
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592
 
@@ -82,10 +91,14 @@ class CLIPConfig:
             return klass(**{k: v for k, v in (sub or {}).items() if k in names})
 
         text = pick(TextConfig, d.get("text_config"))
-        # transformers' CLIPVisionConfig defaults to patch 32 (ours, ViT-B/16's 16): a config.json that
-        # omits the key means 32.
-        vision = pick(VisionConfig, {"patch_size": 32, **(d.get("vision_config") or {})})
-        for act in (text.hidden_act, vision.hidden_act):
+        vision_dict = d.get("vision_config") or {}
+        if vision_dict.get("model_type") == RESNET_MODEL_TYPE:
+            vision = pick(ResNetConfig, vision_dict)
+        else:
+            # transformers' CLIPVisionConfig defaults to patch 32 (ours, ViT-B/16's 16): a config.json that
+            # omits the key means 32.
+            vision = pick(VisionConfig, {"patch_size": 32, **vision_dict})
+        for act in (text.hidden_act, getattr(vision, "hidden_act", "relu")):
             if act not in _ACTIVATIONS:
                 raise ValueError(f"Unsupported hidden_act {act!r}; known: {sorted(_ACTIVATIONS)}")
         return cls(
@@ -94,6 +107,10 @@ class CLIPConfig:
             projection_dim=int(d.get("projection_dim", 512)),
             logit_scale_init_value=float(d.get("logit_scale_init_value", 2.6592)),
         )
+
+    @property
+    def is_resnet(self) -> bool:
+        return isinstance(self.vision, ResNetConfig)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The transformers-compatible config.json content (enough for `CLIPModel.from_pretrained`)."""
@@ -112,7 +129,7 @@ class CLIPConfig:
             "vision_config": {
                 **dataclasses.asdict(self.vision),
                 "projection_dim": self.projection_dim,
-                "model_type": "clip_vision_model",
+                "model_type": RESNET_MODEL_TYPE if self.is_resnet else "clip_vision_model",
             },
         }
 
@@ -391,15 +408,21 @@ class CLIPModule(nn.Module):
     def setup(self):
         cfg = self.config
         self.text_model = TextTransformer(cfg.text, self.dtype, self.remat_text)
-        self.vision_model = VisionTransformer(cfg.vision, self.dtype)
-        self.visual_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype)
+        if cfg.is_resnet:  # the attention pool ends in the joint space
+            self.vision_model = ModifiedResNet(cfg.vision, cfg.projection_dim, self.dtype)
+        else:
+            self.vision_model = VisionTransformer(cfg.vision, self.dtype)
+            self.visual_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype)
         self.text_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype)
         self.logit_scale = self.param(
             "logit_scale", lambda _, shape: jnp.full(shape, cfg.logit_scale_init_value, jnp.float32), ()
         )
 
     def encode_image(self, pixels: Array) -> Array:
-        return self.visual_projection(self.vision_model(pixels)).astype(jnp.float32)
+        pooled = self.vision_model(pixels)
+        if not self.config.is_resnet:
+            pooled = self.visual_projection(pooled)
+        return pooled.astype(jnp.float32)
 
     def encode_text(self, input_ids: Array) -> Array:
         return self.text_projection(self.text_model(input_ids)).astype(jnp.float32)
@@ -436,10 +459,13 @@ def clip_logits(image_features: Array, text_features: Array, log_scale: Array) -
 
 
 # Architectures by name, for `load_clip("random:<name>")`: random weights with real shapes (speed and memory
-# figures, smoke runs). vit_b16 / vit_b32 are OpenAI's ViT-B/16 and ViT-B/32.
+# figures, smoke runs). vit_b16 / vit_b32 / rn50 / rn101 are OpenAI's ViT-B/16, ViT-B/32, RN50 and RN101
+# (the shapes OpenAI's checkpoints give; a loaded checkpoint takes its shapes from its own tensors).
 PRESETS = {
     "vit_b16": CLIPConfig(),
     "vit_b32": CLIPConfig(vision=VisionConfig(patch_size=32)),
+    "rn50": CLIPConfig(vision=ResNetConfig(layers=(3, 4, 6, 3)), projection_dim=1024),
+    "rn101": CLIPConfig(vision=ResNetConfig(layers=(3, 4, 23, 3)), projection_dim=512),
     "tiny": CLIPConfig(
         text=TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
         vision=VisionConfig(
@@ -450,6 +476,11 @@ PRESETS = {
             image_size=32,
             patch_size=8,
         ),
+        projection_dim=32,
+    ),
+    "tiny_rn": CLIPConfig(  # a ResNet CLIP for smoke runs and tests
+        text=TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        vision=ResNetConfig(layers=(1, 1, 1, 1), width=8, num_heads=2, image_size=32),
         projection_dim=32,
     ),
 }

@@ -1,11 +1,17 @@
-"""Loading CLIP weights: a Hugging Face hub id or a local directory -> a `CLIP` (config + params + encoders).
+"""Loading CLIP weights: a name, a file, a local directory or a Hugging Face hub id -> a `CLIP`.
 
-Accepted layouts (the first file found wins, in this order):
-  * `flax_model.msgpack`: HF `FlaxCLIPModel` params; our tree mirrors it, so it loads as is;
-  * `model.safetensors` (or sharded, with `model.safetensors.index.json`): HF PyTorch `CLIPModel` names;
-  * `pytorch_model.bin`: same names, read with `torch.load(weights_only=True)` (needs torch).
-plus `config.json` (a transformers `CLIPConfig`). Every tensor is checked against the model's tree: a missing
-or unexpected name, or a wrong shape, is an error that names it.
+Sources, decided by what is found:
+  * an OpenAI model name (`"RN50"`, `"ViT-B/16"`, ...): OpenAI's `.pt` file in `$DSPT_JAX_CLIP_DIR`
+    (`openai_checkpoints`);
+  * a file: an OpenAI-named checkpoint (TorchScript `.pt`, `torch.save` state dict, `.safetensors`);
+  * a directory with `open_clip_config.json`: the open_clip / timm hub layout of an OpenAI-architecture CLIP;
+  * a directory with `config.json` (a transformers `CLIPConfig`) and, first found wins:
+    - `flax_model.msgpack`: HF `FlaxCLIPModel` params; our tree mirrors it, so it loads as is;
+    - `model.safetensors` (or sharded, with `model.safetensors.index.json`): HF PyTorch `CLIPModel` names;
+    - `pytorch_model.bin`: same names;
+  * a hub id ("openai/clip-vit-base-patch16", "timm/resnet50_clip.openai"): the same two folder layouts.
+Torch pickles are read by `torch_files`: no torch needed, nothing pickled is executed. Every tensor is
+checked against the model's tree: a missing or unexpected name, or a wrong shape, is an error that names it.
 
 Offline behaviour: with `HF_HUB_OFFLINE=1`, or when the hub endpoint cannot be reached within a few
 seconds, only the local Hugging Face cache is used; if the checkpoint is not there the error says what to
@@ -27,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dspt_jax.models import openai_checkpoints, torch_files
 from dspt_jax.models.clip import PRESETS, CLIPConfig, CLIPModule
 
 WEIGHT_FILES = ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin")
@@ -100,8 +107,11 @@ def init_clip(config: CLIPConfig, rng: jax.Array | int = 0, dtype=jnp.float32) -
 
 def _dummy_inputs(config: CLIPConfig):
     v = config.vision
+    # A ResNet's parameter shapes do not depend on the input size: the smallest input (one 32 px image, a
+    # 1 x 1 final grid) makes `init` trace and run a fraction of the real forward pass.
+    size = 32 if config.is_resnet else v.image_size
     return (
-        jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32),
+        jnp.zeros((1, size, size, v.num_channels), jnp.float32),
         jnp.zeros((1, config.text.max_position_embeddings), jnp.int32),
     )
 
@@ -158,7 +168,7 @@ def _check_and_unflatten(flat: dict[str, np.ndarray], config: CLIPConfig, source
     if wrong:
         problems.append(f"shape mismatches: {'; '.join(wrong)}")
     if problems:
-        raise ValueError(f"Checkpoint {source} does not match its config.json: " + " | ".join(problems))
+        raise ValueError(f"Checkpoint {source} does not match its architecture: " + " | ".join(problems))
     tree = {tuple(k.split("/")): np.asarray(v, np.float32) for k, v in flat.items()}
     return flax.traverse_util.unflatten_dict(tree)
 
@@ -188,15 +198,7 @@ def _read_weights(directory: str) -> tuple[dict[str, np.ndarray], str]:
         return torch_to_flax(state), os.path.join(directory, shards[0])
     if "pytorch_model.bin" in files:
         path = os.path.join(directory, "pytorch_model.bin")
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(
-                f"{path} is a PyTorch pickle and needs torch to read; install torch or convert "
-                "it to model.safetensors."
-            ) from e
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return torch_to_flax({k: v.float().numpy() for k, v in state.items()}), path
+        return torch_to_flax(torch_files.read_torch_file(path)), path
     raise FileNotFoundError(
         f"No weights in {directory}: expected one of {', '.join(WEIGHT_FILES)} "
         f"(found: {', '.join(sorted(files)) or 'nothing'})."
@@ -204,14 +206,27 @@ def _read_weights(directory: str) -> tuple[dict[str, np.ndarray], str]:
 
 
 def load_clip_from_directory(directory: str, dtype=jnp.float32) -> CLIP:
+    """A folder in the open_clip layout (`open_clip_config.json`) or a transformers one (`config.json`)."""
+    if openai_checkpoints.is_open_clip_directory(directory):
+        config, flat = openai_checkpoints.read_open_clip_directory(directory)
+        return CLIP(config, _check_and_unflatten(flat, config, directory), dtype, source=directory)
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{directory} has no config.json (a transformers CLIPConfig).")
+        raise FileNotFoundError(
+            f"{directory} has no config.json (a transformers CLIPConfig) and no "
+            f"{openai_checkpoints.OPEN_CLIP_CONFIG} (open_clip)."
+        )
     with open(config_path) as f:
         config = CLIPConfig.from_hf_dict(json.load(f))
     flat, path = _read_weights(directory)
     params = _check_and_unflatten(flat, config, path)
     return CLIP(config, params, dtype, source=directory)
+
+
+def load_clip_from_file(path: str, dtype=jnp.float32) -> CLIP:
+    """One OpenAI-named checkpoint file (`RN50.pt`, a `torch.save` state dict, a `.safetensors`)."""
+    config, flat = openai_checkpoints.read_file(path)
+    return CLIP(config, _check_and_unflatten(flat, config, path), dtype, source=path)
 
 
 def save_clip(clip: CLIP, directory: str) -> None:
@@ -249,13 +264,17 @@ def _download_instructions(repo_id: str, why: str) -> str:
         f"Cannot load CLIP {repo_id!r}: {why}, and it is not in the Hugging Face cache "
         f"({constants.HF_HUB_CACHE}). On a machine with network, run\n"
         f"    hf download {repo_id} config.json model.safetensors --local-dir clip_weights/{repo_id}\n"
-        f"(or flax_model.msgpack instead of model.safetensors), copy that folder here and pass its path: "
+        f"(or flax_model.msgpack instead of model.safetensors; for an open_clip repo such as "
+        f"timm/resnet50_clip.openai: {openai_checkpoints.OPEN_CLIP_CONFIG} open_clip_model.safetensors), "
+        f"copy that folder here and pass its path: "
         f"load_clip('clip_weights/{repo_id}'). Copying a populated hub cache into HF_HUB_CACHE works too."
     )
 
 
 def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> str:
-    """Returns a local directory holding config.json and one weight file of `repo_id`."""
+    """Returns a local directory holding `repo_id`'s config and one weight file: open_clip's files when the
+    repo has them (timm's OpenAI CLIPs also carry a timm `config.json` that is not a CLIP config), else
+    transformers' `config.json` and weights."""
     from huggingface_hub import constants, hf_hub_download
 
     def fetch(filename, local_only):
@@ -272,18 +291,28 @@ def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> 
         if constants.HF_HUB_OFFLINE
         else f"the hub ({constants.ENDPOINT}) is unreachable"
     )
+    layouts = ((openai_checkpoints.OPEN_CLIP_CONFIG, openai_checkpoints.OPEN_CLIP_WEIGHTS), ("config.json", WEIGHT_FILES))
     for local_only in (True, False) if online else (True,):
-        config = fetch("config.json", local_only)
-        if config is None:
-            continue
-        for filename in WEIGHT_FILES:
-            if fetch(filename, local_only) is not None:
-                return os.path.dirname(config)
+        for config_file, weight_files in layouts:
+            config = fetch(config_file, local_only)
+            if config is None:
+                continue
+            for filename in weight_files:
+                if fetch(filename, local_only) is not None:
+                    return os.path.dirname(config)
     if online:
         raise CheckpointNotFoundError(
-            f"{repo_id!r} on {constants.ENDPOINT} has no config.json with one of {', '.join(WEIGHT_FILES)}."
+            f"{repo_id!r} on {constants.ENDPOINT} has neither config.json with one of {', '.join(WEIGHT_FILES)} "
+            f"nor {openai_checkpoints.OPEN_CLIP_CONFIG} with one of {', '.join(openai_checkpoints.OPEN_CLIP_WEIGHTS)}."
         )
     raise CheckpointNotFoundError(_download_instructions(repo_id, why))
+
+
+def _not_a_source(source: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{source!r} is not an OpenAI model name ({', '.join(openai_checkpoints.OPENAI_MODELS)}), a checkpoint "
+        "file, a local directory or a hub id like 'openai/clip-vit-base-patch16'."
+    )
 
 
 def check_source(source: str, *, revision: str | None = None, cache_dir: str | None = None) -> None:
@@ -294,28 +323,40 @@ def check_source(source: str, *, revision: str | None = None, cache_dir: str | N
         if source.split(":", 1)[1] not in PRESETS:
             raise ValueError(f"Unknown preset in {source!r}; known: {sorted(PRESETS)}")
         return
+    if source in openai_checkpoints.OPENAI_MODELS:
+        if not os.path.isfile(openai_checkpoints.named_file(source)):
+            raise CheckpointNotFoundError(openai_checkpoints.missing_file_message(source))
+        return
+    if os.path.isfile(source):
+        return
     if os.path.isdir(source):
+        if openai_checkpoints.is_open_clip_directory(source):
+            return
         if not os.path.isfile(os.path.join(source, "config.json")):
-            raise FileNotFoundError(f"{source} has no config.json (a transformers CLIPConfig).")
+            raise FileNotFoundError(
+                f"{source} has no config.json (a transformers CLIPConfig) and no "
+                f"{openai_checkpoints.OPEN_CLIP_CONFIG} (open_clip)."
+            )
         if not any(os.path.isfile(os.path.join(source, f)) for f in (*WEIGHT_FILES, _SAFETENSORS_INDEX)):
             raise FileNotFoundError(f"No weights in {source}: expected one of {', '.join(WEIGHT_FILES)}.")
         return
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise FileNotFoundError(
-            f"{source!r} is neither a local directory nor a hub id like 'openai/clip-vit-base-patch16'."
-        )
+        raise _not_a_source(source)
     _hub_snapshot(source, revision, cache_dir)
 
 
 def load_clip(
     source: str, *, dtype=jnp.float32, revision: str | None = None, cache_dir: str | None = None
 ) -> CLIP:
-    """Loads a CLIP from a local directory or a Hugging Face hub id ("openai/clip-vit-base-patch16").
+    """Loads a CLIP from a name, a file, a local directory or a Hugging Face hub id.
 
     Args:
-      source: a directory with `config.json` and weights, a hub id, or "random:<preset>" (random weights
-        with the shapes of `dspt_jax.models.clip.PRESETS[preset]`: "vit_b16", "vit_b32", "tiny"). The
-        synthetic world's CLIP ("synthetic") is loaded by `dspt_jax.model_source.load_clip`.
+      source: an OpenAI model name ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16",
+        "ViT-L/14", "ViT-L/14@336px": OpenAI's file in $DSPT_JAX_CLIP_DIR), a checkpoint file with OpenAI's
+        tensor names, a directory (transformers or open_clip layout), a hub id
+        ("openai/clip-vit-base-patch16", "timm/resnet50_clip.openai"), or "random:<preset>" (random weights
+        with the shapes of `dspt_jax.models.clip.PRESETS[preset]`: "vit_b16", "vit_b32", "rn50", "rn101",
+        "tiny"). The synthetic world's CLIP ("synthetic") is loaded by `dspt_jax.model_source.load_clip`.
       dtype: compute dtype of the towers (parameters stay float32).
       revision, cache_dir: passed to the hub client.
     """
@@ -326,12 +367,19 @@ def load_clip(
         clip = init_clip(PRESETS[preset], rng=0, dtype=dtype)
         clip.source = source
         return clip
-    if os.path.isdir(source):
+    if source in openai_checkpoints.OPENAI_MODELS:
+        try:
+            path = openai_checkpoints.check_named_file(source)
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(str(e)) from None
+        clip = load_clip_from_file(path, dtype)
+    elif os.path.isfile(source):
+        return load_clip_from_file(source, dtype)
+    elif os.path.isdir(source):
         return load_clip_from_directory(source, dtype)
-    if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise FileNotFoundError(
-            f"{source!r} is neither a local directory nor a hub id like 'openai/clip-vit-base-patch16'."
-        )
-    clip = load_clip_from_directory(_hub_snapshot(source, revision, cache_dir), dtype)
+    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise _not_a_source(source)
+    else:
+        clip = load_clip_from_directory(_hub_snapshot(source, revision, cache_dir), dtype)
     clip.source = source
     return clip
