@@ -177,6 +177,10 @@ def test_batch_norm_uses_the_checkpoints_statistics_only(openai_model, tmp_path)
     together = np.asarray(clip.encode_image(nhwc))
     alone = np.concatenate([np.asarray(clip.encode_image(nhwc[i:i + 1])) for i in range(len(nhwc))])
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+    # bfloat16 towers (batch norm folded in float32): the same directions.
+    half = np.asarray(load_clip(clip.source, dtype=jnp.bfloat16).encode_image(nhwc))
+    cosine = (half * together).sum(-1) / np.linalg.norm(half, axis=-1) / np.linalg.norm(together, axis=-1)
+    assert cosine.min() > 0.999, cosine
     stats = clip.params["vision_model"]["layer2"]["0"]["bn3"]
     np.testing.assert_allclose(stats["mean"], model.visual.layer2[0].bn3.running_mean.numpy())
     np.testing.assert_allclose(stats["var"], model.visual.layer2[0].bn3.running_var.numpy())
