@@ -1,10 +1,13 @@
-"""Runs a grid of trainings (noise kinds x rates x losses x seeds) on any config, resumably.
+"""Runs a grid of trainings (noise kinds x rates x losses or methods x seeds) on any config, resumably.
 
   python -m dspt_jax.sweep --config=configs/caltech.py --workdir=runs/caltech_sweep \
       --kinds=sym --rates=0,0.125,0.25,0.5,0.75 --losses=ce,dspt --seeds=1,2,3 [--config.any.field=value]
+  ... --losses=ce,gce,dspt --methods=coop,nlprompt   # the methods' comparison: CE, GCE, DSPT and NLPrompt
 
-Each grid point trains in its own sub-workdir `<workdir>/<kind>_r<rate>/<loss>/seed<seed>` (for example
-`sym_r0.500/dspt/seed1`) by calling `dspt_jax.train.train_and_evaluate` in this process, one point after
+The third axis is what trains: each loss of `--losses` with plain prompt tuning (method `coop`), plus each
+other method of `--methods` (which brings its own losses, e.g. `nlprompt`; `--methods` without `coop` drops
+the losses). Each grid point trains in its own sub-workdir `<workdir>/<kind>_r<rate>/<loss or method>/seed<seed>`
+(for example `sym_r0.500/dspt/seed1`, `sym_r0.500/nlprompt/seed1`) by calling `dspt_jax.train.train_and_evaluate` in this process, one point after
 the other; with `--vectorize` the missing points train together (`dspt_jax.train.train_runs`: one jitted
 step advances all of them, each with its own data, labels, loss, prompt and sub-workdir). An axis left out
 takes the base config's value. Rate 0 with a synthetic kind is clean data (the data layer flips
@@ -36,6 +39,7 @@ import jax
 import ml_collections
 
 from dspt_jax import aggregate as aggregate_lib
+from dspt_jax import methods as methods_lib
 from dspt_jax import train
 from dspt_jax.data import noise as noise_lib
 from dspt_jax.model_source import load_clip
@@ -58,12 +62,16 @@ def _rate_str(rate: float) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-    """One grid point."""
+    """One grid point. `loss`: a loss of plain prompt tuning, or the name of another method."""
 
     kind: str
     rate: float
     loss: str
     seed: int
+
+    @property
+    def method(self) -> str:
+        return self.loss if self.loss in methods_lib.METHODS else "coop"
 
     @property
     def name(self) -> str:
@@ -86,6 +94,14 @@ def _unique(values: Sequence, axis: str) -> list:
     return values
 
 
+def objectives(losses: Sequence[str], methods: Sequence[str]) -> list[str]:
+    """The grid's third axis: `losses` (with method coop) when `methods` has coop, then every other method."""
+    for m in methods:
+        if m not in methods_lib.METHODS:
+            raise ValueError(f"--methods: {m!r} is not one of {methods_lib.METHODS}")
+    return (list(losses) if "coop" in methods else []) + [m for m in methods if m != "coop"]
+
+
 def make_grid(
     kinds: Sequence[str], rates: Sequence[float], losses: Sequence[str], seeds: Sequence[int]
 ) -> list[Point]:
@@ -101,11 +117,13 @@ def make_grid(
 
 
 def point_config(base: ml_collections.ConfigDict, point: Point) -> ml_collections.ConfigDict:
-    """A copy of `base` with the point's noise kind, rate, loss and seed."""
+    """A copy of `base` with the point's noise kind, rate, loss (or method) and seed."""
     config = base.copy_and_resolve_references()
     config.noise.kind = point.kind
     config.noise.rate = float(point.rate)
-    config.loss = point.loss
+    config.method = point.method
+    if point.method == "coop":
+        config.loss = point.loss
     config.seed = point.seed
     return config
 
@@ -146,7 +164,7 @@ def _results_mismatches(results: dict, config: ml_collections.ConfigDict) -> lis
     expected = {
         "noise.kind": config.noise.kind,
         "noise.rate": config.noise.rate,
-        "loss": config.loss,
+        "loss": train.training_objective(config),
         "seed": config.seed,
         "shots": config.data.shots,
         "model": config.model.source,
@@ -298,8 +316,12 @@ def run_sweep(
         else:
             todo_items.append((i, point, config))
     size = (max_runs_per_program or len(todo_items) or 1) if vectorize else 1
-    for g in range(0, len(todo_items), size):
-        group = todo_items[g : g + size]
+    # Runs trained together must share their method: the groups never mix two.
+    by_method = {}
+    for item in todo_items:
+        by_method.setdefault(item[1].method, []).append(item)
+    groups = [items[g : g + size] for items in by_method.values() for g in range(0, len(items), size)]
+    for group in groups:
         workdirs = [os.path.join(workdir, point.name) for _, point, _ in group]
         for (i, point, _), sub in zip(group, workdirs):
             log.info("[%d/%d] %s: running in %s%s", i, total, point.describe(), sub,
@@ -393,6 +415,10 @@ def define_flags(flag_values=None, sys_argv: Sequence[str] | None = None) -> Non
     flags.DEFINE_list(
         "losses", None, "Losses: ce, dspt, gce, mae, sce, nce_rce, taylor_ce (default: the config's loss).", flag_values=fv
     )
+    flags.DEFINE_list(
+        "methods", None, "Methods: coop (trains each of --losses), nlprompt (default: the config's method).",
+        flag_values=fv,
+    )
     flags.DEFINE_list("seeds", None, "Integer seeds (default: the config's seed).", flag_values=fv)
     flags.DEFINE_bool(
         "aggregate", True, "Write the tables and the curve into --workdir at the end.", flag_values=fv
@@ -459,7 +485,8 @@ def run_from_flags(fv) -> int:
         log.info("JAX compilation cache: %s", cache)
     kinds = fv["kinds"].value or [config.noise.kind]
     rates = _parse_list(fv["rates"].value or [config.noise.rate], float, "rates")
-    losses = fv["losses"].value or [config.loss]
+    methods = fv["methods"].value or [config.method]
+    losses = objectives(fv["losses"].value or [config.loss], methods)
     seeds = _parse_list(fv["seeds"].value or [config.seed], int, "seeds")
     report = run_sweep(
         config,

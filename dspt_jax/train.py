@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from dspt_jax import checkpointing, features, losses, metrics, sharding
+from dspt_jax import checkpointing, features, losses, methods, metrics, sharding
 from dspt_jax import config as config_lib
 from dspt_jax import tokenizer as tok_lib
 from dspt_jax import model_source
@@ -82,6 +82,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         datasets.canonical_name(config.data.name)  # unknown name -> ValueError listing the valid ones
     for loss in (config.loss, *config.get("compare_losses", ())):
         losses.get_loss_fn(loss, gce_q=config.gce_q)
+    methods.get_method(config)
     noise.NoiseSpec(
         kind=config.noise.kind,
         rate=config.noise.rate,
@@ -215,18 +216,19 @@ def make_runs_step(
 
     Every field of `state` but `step` and every entry of `batch` carry a leading run axis R (its own prompt,
     optimizer state, examples, labels and mask); `loss_ids` int [R] picks each run's loss from `loss_fns`
-    (no recompiling per loss). The runs share the frozen CLIP, the prompt layout and the learning-rate
-    schedule, and nothing else: each run's update is exactly its own step alone (`make_train_step` is the
-    R = 1 case). The text tower sees the R x K prompts as one batch. Metrics are [R].
+    (no recompiling per loss). A loss is a method's (`methods.Method.loss`): (logits, labels, batch) ->
+    per-example loss, where `batch` is the run's batch with any per-example columns of its method. The runs
+    share the frozen CLIP, the prompt layout and the learning-rate schedule, and nothing else: each run's
+    update is exactly its own step alone (`make_train_step` is the R = 1 case). The text tower sees the R x K prompts as one batch. Metrics are [R].
     `shared_prefix` and `class_sharding`: how the text tower encodes the class prompts
     (`prompt.class_features`); neither changes the result beyond float rounding.
     """
     loss_fns = tuple(loss_fns)
 
-    def per_example_loss(loss_id, logits, labels):
+    def per_example_loss(loss_id, logits, labels, batch):
         if len(loss_fns) == 1:
-            return loss_fns[0](logits, labels)
-        return jax.lax.switch(loss_id, loss_fns, logits, labels)
+            return loss_fns[0](logits, labels, batch)
+        return jax.lax.switch(loss_id, loss_fns, logits, labels, batch)
 
     def one_run(prompt, opt_state, first_bad_step, loss_id, batch, step, clip_params, frozen_embeds):
         image_features = batch_image_features(module, clip_params, batch)
@@ -242,7 +244,8 @@ def make_runs_step(
                 class_sharding=class_sharding,
             )
             logits = logits_from_features(clip_params, image_features, class_features)
-            loss = losses.masked_mean(per_example_loss(loss_id, logits, batch["label"]), batch["mask"])
+            per_example = per_example_loss(loss_id, logits, batch["label"], batch)
+            loss = losses.masked_mean(per_example, batch["mask"])
             return loss, logits
 
         (loss, logits), grad = jax.value_and_grad(loss_of, has_aux=True)(prompt)
@@ -283,9 +286,15 @@ def make_train_step(
     class_sharding=None,
 ):
     """The step of one run: (state, clip_params, frozen_embeds, batch) -> (state, metrics), with `state` and
-    `batch` as one run has them (no run axis). It is `make_runs_step` with R = 1."""
+    `batch` as one run has them (no run axis), and a plain loss (logits, labels) -> [B]. It is
+    `make_runs_step` with R = 1."""
     runs_step = make_runs_step(
-        module, spec, (loss_fn,), tx, shared_prefix=shared_prefix, class_sharding=class_sharding
+        module,
+        spec,
+        (methods.plain(loss_fn),),
+        tx,
+        shared_prefix=shared_prefix,
+        class_sharding=class_sharding,
     )
 
     def train_step(state: TrainState, clip_params, frozen_embeds, batch):
@@ -700,6 +709,65 @@ def training_input(run: Run, evaluator: Evaluator, start_step: int):
     return pipeline.train_batches(run.task, augment=run.config.data.augment, **common)
 
 
+def training_objective(config, verbose: bool = False) -> str:
+    """The loss of plain prompt tuning (`method=coop`), else the method's name."""
+    if config.method == "coop":
+        return f"loss {config.loss}" if verbose else config.loss
+    return f"method {config.method}" if verbose else config.method
+
+
+def _json_number(x):
+    """A float for results.json (which has no NaN): None when not a number."""
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def epoch_selection(run: Run, evaluator: Evaluator, method: methods.Method, prompt, epoch: int,
+                    mid_epoch: bool) -> tuple[dict, dict]:
+    """The per-example columns `method.select` makes for `epoch` (in `task.train` order) and their stats.
+
+    Computed from the class probabilities of every training example under `prompt` on unaugmented images,
+    and saved in <workdir>/method/epoch_NNNN.npz; read back from there when the epoch was selected before
+    (a run resumed in the middle of the epoch trains on the same selection)."""
+    path = os.path.join(run.workdir, "method", f"epoch_{epoch:04d}.npz")
+    if os.path.exists(path):
+        with np.load(path) as saved:
+            return {c: saved[c] for c in method.columns}, json.loads(str(saved["stats"]))
+    if mid_epoch:
+        log.warning("No saved %s selection of epoch %d in %s: recomputed from the resumed prompt.",
+                    method.name, epoch + 1, run.workdir)
+    ex = run.task.train
+    image_features = features.in_order(evaluator.encoded("train"), ex.ids)
+    logits = logits_from_features(run.clip_params, jnp.asarray(image_features), evaluator.class_features(prompt))
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+    columns, stats = method.select(probs, ex.labels, ex.clean)
+    stats = {k: _json_number(v) for k, v in stats.items()}
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, stats=json.dumps(stats), **columns)
+        os.replace(tmp, path)
+    return columns, stats
+
+
+def saved_selections(run: Run, epochs: int) -> list[dict]:
+    """The stats of the selections saved for the first `epochs` epochs (those a resumed run has done)."""
+    out = []
+    for epoch in range(epochs):
+        path = os.path.join(run.workdir, "method", f"epoch_{epoch:04d}.npz")
+        if os.path.exists(path):
+            with np.load(path) as saved:
+                out.append({"epoch": epoch + 1, "step": epoch * run.steps_per_epoch,
+                            **json.loads(str(saved["stats"]))})
+    return out
+
+
+def _with_columns(batch: dict, columns: dict, positions: np.ndarray) -> dict:
+    """The host batch plus its rows' entries of each per-example column (`positions`: example id ->
+    position in `task.train`)."""
+    rows = positions[batch["id"]] if columns else None
+    return {**batch, **{name: column[rows] for name, column in columns.items()}}
+
+
 def _take(tree, r: int):
     """Run r's slice of a tree with a leading run axis."""
     return jax.tree.map(lambda x: x[r], tree)
@@ -749,12 +817,21 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
     lead = runs[0]
     config, mesh = lead.config, lead.mesh
     n_dev, num_runs = mesh.devices.size, len(runs)
-    loss_keys = sorted({(r.config.loss, r.config.gce_q if r.config.loss == "gce" else None) for r in runs})
-    loss_fns = [losses.get_loss_fn(name, gce_q=0.5 if q is None else q) for name, q in loss_keys]
-    loss_ids = jnp.asarray(
-        [loss_keys.index((r.config.loss, r.config.gce_q if r.config.loss == "gce" else None)) for r in runs],
-        jnp.int32,
-    )
+    run_methods = [methods.get_method(r.config) for r in runs]
+    keys = sorted({m.key for m in run_methods}, key=repr)
+    loss_fns = [next(m.loss for m in run_methods if m.key == k) for k in keys]
+    loss_ids = jnp.asarray([keys.index(m.key) for m in run_methods], jnp.int32)
+    selecting = [m for m in run_methods if m.select is not None]
+    if selecting and len(selecting) != num_runs:
+        raise ValueError("runs trained together must all use the same method")
+    positions = []  # per run: example id -> position in task.train (to look up per-example columns)
+    for run in runs:
+        ids = run.task.train.ids.astype(np.int64)
+        lookup = np.zeros(int(ids.max()) + 1 if len(ids) else 1, np.int64)
+        lookup[ids] = np.arange(len(ids))
+        positions.append(lookup)
+    columns = [{} for _ in runs]  # the current epoch's per-example columns of each run's method
+    selections = [[] for _ in runs]  # per epoch: the selection's stats
     examples = sharding.run_batch_sharding(mesh)
     train_step = jax.jit(
         make_runs_step(
@@ -785,7 +862,7 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
         lead.num_epochs,
         lead.epochs_rule,
         lead.examples_per_step,
-        f"loss {config.loss}" if num_runs == 1 else f"{num_runs} runs together",
+        training_objective(config, verbose=True) if num_runs == 1 else f"{num_runs} runs together",
         lead.feature_mode,
         step,
     )
@@ -822,9 +899,26 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
                     return False
                 return bool(np.any(multihost_utils.process_allgather(np.int32(sigint.raised))))
 
+            selected_epoch = -1
+            if selecting:  # a resumed run: the earlier epochs' selections, as they were made
+                for r, run in enumerate(runs):
+                    selections[r] = saved_selections(run, step // lead.steps_per_epoch)
             while step < total and not interrupted:
+                epoch = step // lead.steps_per_epoch
+                if selecting and epoch != selected_epoch:
+                    for r, (run, evaluator, method) in enumerate(zip(runs, evaluators, run_methods)):
+                        columns[r], stats = epoch_selection(run, evaluator, method, _take(state.prompt, r), epoch,
+                                                            mid_epoch=step % lead.steps_per_epoch != 0)
+                        selections[r].append({"epoch": epoch + 1, "step": epoch * lead.steps_per_epoch, **stats})
+                        writers[r].write(step, {f"selection_{k}": v for k, v in stats.items() if v is not None})
+                        log.info("%s%s selection for epoch %d: %s", f"[{run.workdir}] " * (num_runs > 1),
+                                 method.name, epoch + 1,
+                                 ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in stats.items()))
+                    selected_epoch = epoch
                 t_wait = time.time()
-                local = _stack([next(it) for it in inputs], np)  # [R, rows of this host, ...], on the host
+                items = [_with_columns(next(it), c, p) for it, c, p in zip(inputs, columns, positions)]
+                local = _stack(items, np)  # [R, rows of this host, ...], on the host
                 batch = sharding.to_global(local, mesh, examples)  # the next batch, on the devices
                 t_wait = time.time() - t_wait
                 input_wait += t_wait
@@ -902,7 +996,8 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
         "input_wait_fraction": total_wait / max(loop_s, 1e-9),
         "runs_together": num_runs,
     }
-    return [(_run_state(state, r), {**loop, "epoch_evals": epoch_evals[r]}) for r in range(num_runs)]
+    return [(_run_state(state, r), {**loop, "epoch_evals": epoch_evals[r], "selections": selections[r]})
+            for r in range(num_runs)]
 
 
 def evaluate_phase(run: Run, evaluator: Evaluator, state: TrainState) -> tuple[dict, dict | None]:
@@ -921,7 +1016,8 @@ def evaluate_phase(run: Run, evaluator: Evaluator, state: TrainState) -> tuple[d
     class_features = evaluator.class_features(state.prompt)
     final = evaluator.metrics(class_features)
     log.info(
-        "Tuned prompt (%s): test accuracy %.4f, macro-F1 %.4f", run.config.loss, final["accuracy"], final["macro_f1"]
+        "Tuned prompt (%s): test accuracy %.4f, macro-F1 %.4f", training_objective(run.config), final["accuracy"],
+        final["macro_f1"],
     )
     if not run.config.eval_train:
         return final, None
@@ -946,8 +1042,11 @@ def results_record(run: Run, zero_shot, final, train_diag, loop: dict, wall_time
         "shots": config.data.shots,
         # Which train/val/test splits were used, and whether the test set is CoOp's protocol's.
         "splits": {"source": task.splits, "test_as_coop": task.test_as_coop},
-        "loss": config.loss,
-        "gce_q": config.gce_q if config.loss == "gce" else None,
+        "method": config.method,
+        # What tables name the run by: the loss of plain prompt tuning, else the method (whose own losses
+        # replace config.loss; see dspt_jax/methods).
+        "loss": training_objective(config),
+        "gce_q": config.gce_q if config.method == "coop" and config.loss == "gce" else None,
         "noise": {
             "kind": config.noise.kind,
             "rate": config.noise.rate,
@@ -968,6 +1067,8 @@ def results_record(run: Run, zero_shot, final, train_diag, loop: dict, wall_time
         "zero_shot": zero_shot,
         "final": final,
         "epoch_evals": loop["epoch_evals"],
+        # Per epoch, what the method's selection kept (size; precision and recall against the clean labels).
+        "selections": loop["selections"] or None,
         "train": train_diag,
         "wall_time_s": wall_time_s,
         "train_loop_s": loop["train_loop_s"],

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspt_jax import losses, train
+from dspt_jax import losses, methods, train
 from dspt_jax.data import toy
 from dspt_jax.models import load_clip
 from dspt_jax.models import prompt as prompt_lib
@@ -72,7 +72,8 @@ def _together(clip, spec, tx, states, batches, loss_names, steps):
     frozen = clip.token_embeddings(spec.token_ids)
     runs = train._stack_runs(states)  # one step counter for all
     loss_ids = jnp.asarray([LOSSES.index(n) for n in loss_names], jnp.int32)
-    step = jax.jit(train.make_runs_step(clip.module, spec, [losses.get_loss_fn(n) for n in LOSSES], tx))
+    step = jax.jit(train.make_runs_step(clip.module, spec, [methods.plain(losses.get_loss_fn(n)) for n in LOSSES],
+                                        tx))
     batch = train._stack(batches)
     step_losses = []
     for _ in range(steps):
@@ -110,7 +111,7 @@ import json, sys
 sys.path.insert(0, "tests")
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from dspt_jax import losses, sharding, train
+from dspt_jax import losses, methods, sharding, train
 import test_runs as T
 
 assert jax.device_count() == 8
@@ -121,7 +122,7 @@ mesh = sharding.make_mesh()
 repl = sharding.replicated(mesh)
 examples = NamedSharding(mesh, P(None, "data"))
 step = jax.jit(
-    train.make_runs_step(clip.module, spec, [losses.get_loss_fn(n) for n in T.LOSSES], tx,
+    train.make_runs_step(clip.module, spec, [methods.plain(losses.get_loss_fn(n)) for n in T.LOSSES], tx,
                          class_sharding=sharding.batch_sharding(mesh)),
     in_shardings=(repl, repl, repl, repl, examples), out_shardings=(repl, repl))
 runs = train._stack_runs(states)
