@@ -44,6 +44,11 @@ class Checkpointer:
         step = self.latest_step if step is None else step
         return self._manager.restore(step, args=ocp.args.StandardRestore(template))
 
+    def delete(self, step: int) -> None:
+        """Removes the checkpoint of `step` (an unreadable one, or one newer than the step resumed from,
+        which a later save of the same step would otherwise collide with)."""
+        self._manager.delete(step)
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

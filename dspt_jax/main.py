@@ -69,8 +69,8 @@ def main(argv):
     except train.InputsNotFoundError as e:  # the message is the whole answer; a traceback would bury it
         print(f"\n{e}", file=sys.stderr)
         sys.exit(1)
-    except train.TrainingInterrupted:  # Ctrl-C: the trainer has said where its checkpoint is
-        sys.exit(130)
+    except train.TrainingInterrupted as e:  # Ctrl-C or SIGTERM: the trainer has said where its checkpoint is
+        sys.exit(e.exit_status)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
         print("Aborted (Ctrl-C); rerun with the same workdir to resume from its last checkpoint.", file=sys.stderr)
         sys.exit(130)

@@ -534,8 +534,8 @@ def main(argv):
     except train.InputsNotFoundError as e:  # the message is the whole answer
         print(f"\n{e}", file=sys.stderr)
         sys.exit(1)
-    except train.TrainingInterrupted:  # the interrupted point has said where its checkpoint is
-        sys.exit(130)
+    except train.TrainingInterrupted as e:  # the interrupted point has said where its checkpoint is
+        sys.exit(e.exit_status)
     except KeyboardInterrupt:
         print("Aborted (Ctrl-C); rerun the same command to resume.", file=sys.stderr)
         sys.exit(130)

@@ -58,6 +58,15 @@ def log_to_stdout() -> None:
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped training after a step, and the checkpoint of that step is saved (already logged)."""
 
+    exit_status = 130  # 128 + SIGINT, the shell's status of a Ctrl-C
+
+
+class TrainingPreempted(TrainingInterrupted):
+    """SIGTERM (a scheduler's or Cloud TPU's notice of preemption) stopped training after a step, on every
+    host at the same step, and the checkpoint of that step is saved: rerun the same command to resume."""
+
+    exit_status = 143  # 128 + SIGTERM: `launch/` scripts rerun the command on this status
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -417,22 +426,33 @@ def train_batch_size(config, train_size: int, n_dev: int) -> tuple[int, int]:
     return math.ceil(real / n_dev) * n_dev, real
 
 
-class _SigintFlag:
-    """Turns Ctrl-C into a flag checked between steps, so the state is never caught mid-update (the train
-    step donates its input state) and a checkpoint of the last finished step can always be written.
-    With several processes the flag is agreed on at log steps (see `stop_requested`); a second Ctrl-C
-    aborts at once, and on one host of several that leaves the others waiting in their next collective."""
+class _StopSignals:
+    """Turns Ctrl-C (SIGINT) and SIGTERM (preemption) into a flag checked between steps, so the state is never
+    caught mid-update (the train step donates its input state) and a checkpoint of the last finished step can
+    always be written. With several processes the flag is agreed on at log steps (see `stop_requested`); a
+    second Ctrl-C aborts at once, and on one host of several that leaves the others waiting in their next
+    collective. `preempted`: a SIGTERM was among the signals."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.raised = False
-        self._previous = None
+        self.preempted = False
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGTERM:
+            self.preempted = True
+            if not self.raised:
+                log.warning("SIGTERM (preemption?): stopping after this step (with several hosts: at the next "
+                            "log step, all together) and saving a checkpoint.")
+            self.raised = True
+            return
         if self.raised:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.raised = True
@@ -442,8 +462,8 @@ class _SigintFlag:
         )
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
         return False
 
 
@@ -796,16 +816,31 @@ def _run_state(state: TrainState, r: int) -> TrainState:
 
 
 def _restore(runs: list[Run], checkpointers, states: list[TrainState]) -> list[TrainState]:
-    """Each run's state at the latest step that every run has a checkpoint of (runs trained together save
-    together; a kill between two runs' saves leaves the older common step), or the initial states."""
-    common = set.intersection(*(set(c.steps) for c in checkpointers))
+    """Each run's state at the latest step that every run has a readable checkpoint of (runs trained together
+    save together; a kill between two runs' saves leaves the older common step), or the initial states.
+    An unreadable checkpoint (a partial write, a damaged file) is skipped for the previous one, with a
+    warning naming both steps; when none can be read, training starts over and says so."""
+    common = sorted(set.intersection(*(set(c.steps) for c in checkpointers)), reverse=True)
+    where = runs[0].workdir if len(runs) == 1 else f"{len(runs)} workdirs"
     if not common:
         if any(c.steps for c in checkpointers):
             log.warning("The runs' checkpoints have no step in common: every run starts over.")
         return states
-    step = max(common)
-    log.info("Resumed from %s at step %d", runs[0].workdir if len(runs) == 1 else f"{len(runs)} workdirs", step)
-    return [c.restore(s, step) for c, s in zip(checkpointers, states)]
+    for i, step in enumerate(common):
+        try:
+            restored = [c.restore(s, step) for c, s in zip(checkpointers, states)]
+        except Exception as e:  # noqa: BLE001 -- whatever orbax raises for a damaged checkpoint
+            fallback = f"the previous one, step {common[i + 1]}" if i + 1 < len(common) else "none left"
+            log.warning("Checkpoint of step %d in %s cannot be read (%s: %.200s); trying %s.",
+                        step, where, type(e).__name__, e, fallback)
+            continue
+        log.info("Resumed from %s at step %d", where, step)
+        for c in checkpointers:  # the unreadable ones, and any step not every run reached
+            for newer in (s for s in c.steps if s > step):
+                c.delete(newer)
+        return restored
+    log.warning("No checkpoint in %s can be read: training starts over from step 0.", where)
+    return states
 
 
 def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[TrainState], tx, schedule):
@@ -886,7 +921,7 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
     # Host time blocked on the input pipeline: per log window, and over the whole training loop.
     input_wait, total_wait, loop_start = 0.0, 0.0, time.time()
     try:
-        with _SigintFlag() as sigint:
+        with _StopSignals() as stop_signal:
             interrupted = False
 
             def stop_requested(sync_point: bool) -> bool:
@@ -894,10 +929,14 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
                 # the next collective (the checkpoint save, an evaluation). The hosts agree at log steps,
                 # where they sync anyway; a single process stops after the current step.
                 if pcount == 1:
-                    return sigint.raised
+                    return stop_signal.raised
                 if not sync_point:
                     return False
-                return bool(np.any(multihost_utils.process_allgather(np.int32(sigint.raised))))
+                # 0: go on, 1: Ctrl-C, 2: SIGTERM somewhere; every host takes the most urgent.
+                code = np.int32(stop_signal.raised) + np.int32(stop_signal.preempted)
+                agreed = int(np.max(multihost_utils.process_allgather(code)))
+                stop_signal.preempted |= agreed == 2
+                return agreed > 0
 
             selected_epoch = -1
             if selecting:  # a resumed run: the earlier epochs' selections, as they were made
@@ -975,9 +1014,10 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
                 save(force=True)
             if interrupted or stop_requested(True):
                 log.warning(
-                    "Interrupted at step %d; checkpoint saved, rerun with the same workdir to resume.", step
+                    "%s at step %d; checkpoint saved, rerun with the same workdir to resume.",
+                    "Preempted" if stop_signal.preempted else "Interrupted", step,
                 )
-                raise TrainingInterrupted
+                raise TrainingPreempted if stop_signal.preempted else TrainingInterrupted
     finally:
         # Shut the endless input pipelines down here, not whenever this frame is collected: left to
         # garbage collection, their teardown stalled 13-34 s after about half of the points of a sweep.

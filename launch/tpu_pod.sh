@@ -8,6 +8,10 @@
 # The workdir must be one directory that every worker sees (NFS, Filestore, or a bucket mounted with gcsfuse at
 # the same path on each worker): checkpoints, metrics and results are written with local file I/O, and
 # gs:// URLs are refused.
+#
+# Preemption: SIGTERM (a maintenance event) makes the run save a checkpoint on every worker at the same step
+# and exit with status 143; this script then reissues the same command, which resumes from that checkpoint
+# (at most DSPT_JAX_MAX_RESTARTS times, default 3).
 set -euo pipefail
 if [ $# -lt 4 ]; then
   # The usage text is the whole header comment above, so it cannot go stale or be cut short.
@@ -19,5 +23,12 @@ TPU_NAME=$1; ZONE=$2; CONFIG=$3; WORKDIR=$4; shift 4
 # in any POSIX shell.
 quote() { local q=${1//\'/\'\\\'\'}; printf "'%s' " "$q"; }
 args=$(for a in --distributed "--config=$CONFIG" "--workdir=$WORKDIR" "$@"; do quote "$a"; done)
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command \
-  "cd ~/dspt_jax && python3 -m dspt_jax.main $args"
+restarts=0
+while true; do
+  status=0
+  gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command \
+    "cd ~/dspt_jax && python3 -m dspt_jax.main $args" || status=$?
+  if [ "$status" -ne 143 ] || [ "$restarts" -ge "${DSPT_JAX_MAX_RESTARTS:-3}" ]; then exit "$status"; fi
+  restarts=$((restarts + 1))
+  echo "tpu_pod.sh: preempted (exit 143); reissuing the same command to resume (restart $restarts)" >&2
+done

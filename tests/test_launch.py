@@ -99,7 +99,8 @@ def test_multi_gpu_passes_every_argument_intact(stubs):
     assert (tmp / "python.xla").read_text() == "0.9"
 
 
-LAST_WORDS = {"tpu_pod.sh": "gs:// URLs are refused.", "multi_gpu.sh": "--workdir=<shared dir>"}
+LAST_WORDS = {"tpu_pod.sh": "(at most DSPT_JAX_MAX_RESTARTS times, default 3).",
+              "multi_gpu.sh": "(at most DSPT_JAX_MAX_RESTARTS times, default 3)."}
 
 
 @pytest.mark.parametrize("script, args", [
@@ -114,3 +115,25 @@ def test_usage_is_the_whole_header(stubs, script, args):
     assert not (tmp / "gcloud.args").exists() and not (tmp / "python.args").exists()
     # The header's last words: the old fixed line range (sed -n 2,8p) cut tpu_pod.sh's usage mid-sentence.
     assert result.stderr.rstrip().endswith(LAST_WORDS[script])
+
+
+@pytest.mark.parametrize("script, args", [("multi_gpu.sh", [CONFIG, WORKDIR]),
+                                          ("tpu_pod.sh", ["tpu", "zone", CONFIG, WORKDIR])])
+def test_a_preempted_run_is_rerun_with_the_same_command(stubs, script, args):
+    """Exit 143 (SIGTERM, checkpoint saved) reruns the identical command, up to DSPT_JAX_MAX_RESTARTS
+    times; any other status ends the script with that status."""
+    tmp, env = stubs
+    counter = tmp / "calls"
+    stub = (f"#!{BASH}\nprintf '%s\\0' \"$@\" >> \"$STUB_DIR/all.args\"; printf x >> {counter}\n"
+            f"[ $(wc -c < {counter}) -le 2 ] && exit 143; exit 7\n")
+    for name in ("python", "python3"):
+        (tmp / "bin" / name).write_text(stub)
+    proc = run(script, args, env)
+    assert proc.returncode == 7 and counter.read_text() == "xxx", proc.stderr
+    assert proc.stderr.count("preempted (exit 143)") == 2
+    calls = (tmp / "all.args").read_text().split("\0")[:-1]
+    assert len(calls) % 3 == 0 and calls[: len(calls) // 3] * 3 == calls  # the same argv each time
+    (tmp / "all.args").unlink()
+    counter.unlink()
+    proc = run(script, args, dict(env, DSPT_JAX_MAX_RESTARTS="1"))
+    assert proc.returncode == 143 and counter.read_text() == "xx"

@@ -449,3 +449,84 @@ def test_training_input_is_shut_down_when_training_ends(tmp_path, monkeypatch):
         smoke_config(**{"zero_shot": False, "eval_train": False, "num_epochs": 1}), str(tmp_path)
     )
     assert len(made) == 1 and made[0].gi_frame is None  # a closed generator has no frame
+
+
+class _Logged:
+    """The dspt_jax log messages emitted inside the block (the trainer's handler keeps whatever stdout it
+    first saw, so pytest's capture fixtures may miss them)."""
+
+    def __enter__(self):
+        import logging
+
+        self.messages = []
+        self._handler = logging.Handler()
+        self._handler.emit = lambda record: self.messages.append(record.getMessage())
+        logging.getLogger("dspt_jax").addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger("dspt_jax").removeHandler(self._handler)
+
+    @property
+    def text(self):
+        return "\n".join(self.messages)
+
+
+def _damage(step_dir):
+    """Truncates every file of an orbax checkpoint's data (as a write cut short, or a bad disk, leaves it)."""
+    for root, _, files in os.walk(os.path.join(step_dir, "default")):
+        for name in files:
+            open(os.path.join(root, name), "w").close()
+
+
+def test_an_unreadable_checkpoint_falls_back_to_the_previous_one(straight_run, tmp_path):
+    straight_dir, _, _ = straight_run
+    workdir = str(tmp_path / "run")
+    quiet = {"zero_shot": False, "eval_train": False, "checkpoint_every_steps": 4}
+    train.train_and_evaluate(smoke_config(max_steps=8, **quiet), workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    assert sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())[-2:] == [4, 8]
+    _damage(os.path.join(checkpoints, "8"))
+    with _Logged() as logged:
+        resumed = train.train_and_evaluate(smoke_config(**quiet), workdir)
+    out = logged.text
+    assert "Checkpoint of step 8" in out and "the previous one, step 4" in out and "at step 4" in out, out
+    assert resumed["steps"] == 12
+    np.testing.assert_allclose(np.load(os.path.join(workdir, "prompt.npz"))["ctx"],
+                               np.load(os.path.join(straight_dir, "prompt.npz"))["ctx"], rtol=1e-5, atol=1e-7)
+
+
+def test_no_readable_checkpoint_starts_over(tmp_path):
+    workdir = str(tmp_path / "run")
+    quiet = {"zero_shot": False, "eval_train": False, "checkpoint_every_steps": 4, "num_epochs": 1}
+    train.train_and_evaluate(smoke_config(max_steps=4, **quiet), workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    for step in (d for d in os.listdir(checkpoints) if d.isdigit()):
+        _damage(os.path.join(checkpoints, step))
+    with _Logged() as logged:
+        resumed = train.train_and_evaluate(smoke_config(**quiet), workdir)
+    out = logged.text
+    assert "No checkpoint in" in out and "starts over from step 0" in out, out
+    assert resumed["steps"] == 4
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+    """Preemption: SIGTERM stops after the current step, saves it, and exits with 128 + SIGTERM, which the
+    launch scripts rerun on; the same command then resumes."""
+    import signal
+
+    workdir = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "dspt_jax.main", "--config=configs/smoke.py", f"--workdir={workdir}",
+           "--config.num_epochs=400", "--config.log_every_steps=1", "--config.zero_shot=False",
+           "--config.eval_train=False", "--config.checkpoint_every_steps=100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if " step 3/" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 143 and "Preempted at step" in out and "Traceback" not in out, out[-2000:]
+    assert max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) >= 3
