@@ -761,6 +761,8 @@ def epoch_selection(run: Run, evaluator: Evaluator, method: methods.Method, prom
     probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
     columns, stats = method.select(probs, ex.labels, ex.clean)
     stats = {k: _json_number(v) for k, v in stats.items()}
+    log.info("%s selection for epoch %d%s: %s", method.name, epoch + 1, f" ({run.workdir})" if run.workdir else "",
+             ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp.npz"
@@ -779,6 +781,14 @@ def saved_selections(run: Run, epochs: int) -> list[dict]:
                 out.append({"epoch": epoch + 1, "step": epoch * run.steps_per_epoch,
                             **json.loads(str(saved["stats"]))})
     return out
+
+
+def _example_positions(ids: np.ndarray) -> np.ndarray:
+    """A lookup table: example id -> its position in `ids`."""
+    ids = np.asarray(ids, np.int64)
+    lookup = np.zeros(int(ids.max()) + 1 if len(ids) else 1, np.int64)
+    lookup[ids] = np.arange(len(ids))
+    return lookup
 
 
 def _with_columns(batch: dict, columns: dict, positions: np.ndarray) -> dict:
@@ -859,12 +869,7 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
     selecting = [m for m in run_methods if m.select is not None]
     if selecting and len(selecting) != num_runs:
         raise ValueError("runs trained together must all use the same method")
-    positions = []  # per run: example id -> position in task.train (to look up per-example columns)
-    for run in runs:
-        ids = run.task.train.ids.astype(np.int64)
-        lookup = np.zeros(int(ids.max()) + 1 if len(ids) else 1, np.int64)
-        lookup[ids] = np.arange(len(ids))
-        positions.append(lookup)
+    positions = [_example_positions(run.task.train.ids) for run in runs]  # to look up per-example columns
     columns = [{} for _ in runs]  # the current epoch's per-example columns of each run's method
     selections = [[] for _ in runs]  # per epoch: the selection's stats
     examples = sharding.run_batch_sharding(mesh)
@@ -950,10 +955,6 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
                                                             mid_epoch=step % lead.steps_per_epoch != 0)
                         selections[r].append({"epoch": epoch + 1, "step": epoch * lead.steps_per_epoch, **stats})
                         writers[r].write(step, {f"selection_{k}": v for k, v in stats.items() if v is not None})
-                        log.info("%s%s selection for epoch %d: %s", f"[{run.workdir}] " * (num_runs > 1),
-                                 method.name, epoch + 1,
-                                 ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                           for k, v in stats.items()))
                     selected_epoch = epoch
                 t_wait = time.time()
                 items = [_with_columns(next(it), c, p) for it, c, p in zip(inputs, columns, positions)]
