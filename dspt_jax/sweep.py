@@ -6,8 +6,9 @@
 
 The third axis is what trains: each loss of `--losses` with plain prompt tuning (method `coop`), plus each
 other method of `--methods` (which brings its own losses, e.g. `nlprompt`; `--methods` without `coop` drops
-the losses). Each grid point trains in its own sub-workdir `<workdir>/<kind>_r<rate>/<loss or method>/seed<seed>`
-(for example `sym_r0.500/dspt/seed1`, `sym_r0.500/nlprompt/seed1`) by calling `dspt_jax.train.train_and_evaluate` in this process, one point after
+the losses). Each grid point trains in its own sub-workdir
+`<workdir>/<kind>_r<rate>/<loss or method>/seed<seed>` (for example `sym_r0.500/dspt/seed1`,
+`sym_r0.500/nlprompt/seed1`) by calling `dspt_jax.train.train_and_evaluate` in this process, one point after
 the other; with `--vectorize` the missing points train together (`dspt_jax.train.train_runs`: one jitted
 step advances all of them, each with its own data, labels, loss, prompt and sub-workdir). An axis left out
 takes the base config's value. Rate 0 with a synthetic kind is clean data (the data layer flips
@@ -413,7 +414,8 @@ def define_flags(flag_values=None, sys_argv: Sequence[str] | None = None) -> Non
         "rates", None, "Noise rates in [0, 1] (default: the config's noise.rate).", flag_values=fv
     )
     flags.DEFINE_list(
-        "losses", None, "Losses: ce, dspt, gce, mae, sce, nce_rce, taylor_ce (default: the config's loss).", flag_values=fv
+        "losses", None, "Losses: ce, dspt, gce, mae, sce, nce_rce, taylor_ce (default: the config's loss).",
+        flag_values=fv,
     )
     flags.DEFINE_list(
         "methods", None, "Methods: coop (trains each of --losses), nlprompt (default: the config's method).",

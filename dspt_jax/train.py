@@ -228,7 +228,8 @@ def make_runs_step(
     (no recompiling per loss). A loss is a method's (`methods.Method.loss`): (logits, labels, batch) ->
     per-example loss, where `batch` is the run's batch with any per-example columns of its method. The runs
     share the frozen CLIP, the prompt layout and the learning-rate schedule, and nothing else: each run's
-    update is exactly its own step alone (`make_train_step` is the R = 1 case). The text tower sees the R x K prompts as one batch. Metrics are [R].
+    update is exactly its own step alone (`make_train_step` is the R = 1 case). The text tower sees the R x K
+    prompts as one batch. Metrics are [R].
     `shared_prefix` and `class_sharding`: how the text tower encodes the class prompts
     (`prompt.class_features`); neither changes the result beyond float rounding.
     """

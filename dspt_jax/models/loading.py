@@ -291,7 +291,10 @@ def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> 
         if constants.HF_HUB_OFFLINE
         else f"the hub ({constants.ENDPOINT}) is unreachable"
     )
-    layouts = ((openai_checkpoints.OPEN_CLIP_CONFIG, openai_checkpoints.OPEN_CLIP_WEIGHTS), ("config.json", WEIGHT_FILES))
+    layouts = (
+        (openai_checkpoints.OPEN_CLIP_CONFIG, openai_checkpoints.OPEN_CLIP_WEIGHTS),
+        ("config.json", WEIGHT_FILES),
+    )
     for local_only in (True, False) if online else (True,):
         for config_file, weight_files in layouts:
             config = fetch(config_file, local_only)
