@@ -7,7 +7,6 @@ features, text features and logits to relative error 1e-5.
 """
 
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -23,7 +22,7 @@ import pytest
 import torch  # the oracle's framework: a test dependency, a missing one must fail
 from safetensors.torch import save_file
 
-from dspt_jax import load_clip
+from dspt_jax import load_clip, model_source
 from dspt_jax.models import clip_logits, openai_checkpoints, save_clip, torch_files
 from dspt_jax.models.loading import CheckpointNotFoundError
 from dspt_jax.models.resnet import ResNetConfig, resize_grid_embedding
@@ -263,7 +262,7 @@ def test_openai_names_offline(tmp_path, monkeypatch, openai_model):
     path; present, its SHA-256 is checked against OpenAI's before anything is read."""
     monkeypatch.setenv(openai_checkpoints.CLIP_DIR_ENV, str(tmp_path))
     t0 = time.perf_counter()
-    for call in (load_clip, lambda s: __import__("dspt_jax").model_source.check_source(s)):
+    for call in (load_clip, model_source.check_source):
         with pytest.raises(CheckpointNotFoundError) as e:
             call("RN50")
         assert openai_checkpoints.url("RN50") in str(e.value) and str(tmp_path / "RN50.pt") in str(e.value)
