@@ -11,6 +11,9 @@ writes into DIR (default: the searched directory)
                        rows = methods (zero-shot CLIP first), columns = noise rates, cells "mean ± std";
 * `results_table.csv`  the same tables as CSV, one row per (section, metric, method), same cell strings;
 * `results_long.csv`   one row per (section, method, rate, metric) with full-precision numbers;
+* `results_paper.md`, `.csv`, `.tex`  NLPrompt's Table 1 layout: one table of test accuracy per (dataset,
+                       shots, model) whose columns are every noise kind at each of its rates (sym 25%, ...,
+                       asym 75%), rows = zero-shot CLIP then the methods; markdown, CSV and LaTeX (booktabs);
 * `robustness_curve.png`  test accuracy against noise rate per loss with std error bars and zero-shot CLIP
                        as a dashed horizontal line, one panel per section (like DSPT's Figure 1).
 
@@ -18,7 +21,7 @@ Statistics: the mean over seeds and the *sample* standard deviation (ddof=1), as
 report "mean ± std over 3 seeds"; with one seed only the mean is shown. Everything is in percent.
 
 Python: `collect(root)` -> rows, `aggregate(rows)` -> groups, `write_tables(groups, out_dir)`,
-`plot_curve(groups, path)`; `aggregate_dir(root, out_dir)` does all four.
+`write_paper_tables(groups, out_dir)`, `plot_curve(groups, path)`; `aggregate_dir(root, out_dir)` does them all.
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ METRICS = {
 # two experiments, so `aggregate` refuses.
 _CELL_INVARIANTS = ("epochs", "steps", "gce_q", "prompt", "num_flips")
 
+_KIND_ORDER = ("none", "sym", "asym", "sym_incl", "symflip", "pairflip", "matrix", "real")
+PAPER_MD = "results_paper.md"
+PAPER_CSV = "results_paper.csv"
+PAPER_TEX = "results_paper.tex"
 TABLE_MD = "results_table.md"
 TABLE_CSV = "results_table.csv"
 LONG_CSV = "results_long.csv"
@@ -421,6 +428,63 @@ def write_tables(groups: Sequence[Group], out_dir: str) -> dict[str, str]:
     return paths
 
 
+def paper_tables(groups: Sequence[Group], metric: str = "accuracy") -> list[tuple[str, list[list[str]]]]:
+    """NLPrompt's Table 1 layout: per (dataset, shots, model) a title and the table as strings. Columns:
+    every noise kind of those groups (sym first, as the papers) at each of its rates ("sym 25%"); rows: the header,
+    zero-shot CLIP (accuracy only), then one per method, cells as in `table_rows`."""
+    sections: dict[tuple, list[Group]] = {}
+    for g in groups:
+        sections.setdefault((g.dataset, g.shots, g.model), []).append(g)
+    out = []
+    for (dataset, shots, model), members in sections.items():
+        members = sorted(members, key=lambda g: (_KIND_ORDER.index(g.kind) if g.kind in _KIND_ORDER else 99, g.kind))
+        columns = [(g, rate) for g in members for rate in g.rates]
+        rows = [["Method"] + [f"{g.kind} {rate_label(rate)}" for g, rate in columns]]
+        zero_shot = next((g.zero_shot for g in members if g.zero_shot.n), None)
+        if metric == "accuracy" and zero_shot is not None:
+            rows.append([ZERO_SHOT_NAME] + [f"{zero_shot.mean:.1f}"] * len(columns))
+        for loss in sorted({loss for g in members for loss in g.losses}, key=loss_sort_key):
+            rows.append([method_name(loss)] + [g.stat(metric, loss, rate).cell() for g, rate in columns])
+        shots_label = "all shots" if shots == -1 else f"{shots}-shot"
+        out.append((", ".join(str(x) for x in (dataset, shots_label, model) if x), rows))
+    return out
+
+
+def _latex_cell(text: str) -> str:
+    text = text.replace("\\", "\\textbackslash{}")
+    for char in "&%$#_{}":
+        text = text.replace(char, "\\" + char)
+    return text.replace(" ± ", " $\\pm$ ")
+
+
+def write_paper_tables(groups: Sequence[Group], out_dir: str) -> dict[str, str]:
+    """Writes results_paper.md, .csv and .tex (test accuracy, `paper_tables`); returns their paths."""
+    tables = paper_tables(groups)
+    paths = {k: os.path.join(out_dir, name) for k, name in
+             (("paper_md", PAPER_MD), ("paper_csv", PAPER_CSV), ("paper_tex", PAPER_TEX))}
+    lines = ["# Test accuracy (%), NLPrompt's Table 1 layout", ""]
+    for title, rows in tables:
+        lines += [f"## {title}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" + "---:|" * (len(rows[0]) - 1)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]] + [""]
+    with open(paths["paper_md"], "w") as f:
+        f.write("\n".join(lines))
+    with open(paths["paper_csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        for title, rows in tables:
+            writer.writerow(["section"] + rows[0])
+            writer.writerows([title] + r for r in rows[1:])
+    tex = ["% Test accuracy (%), mean $\\pm$ sample std over seeds; written by dspt_jax.aggregate (needs booktabs)"]
+    for title, rows in tables:
+        tex += ["\\begin{table}[t]", "\\centering", f"\\caption{{{_latex_cell(title)}}}",
+                "\\begin{tabular}{l" + "c" * (len(rows[0]) - 1) + "}", "\\toprule",
+                " & ".join(_latex_cell(c) for c in rows[0]) + " \\\\", "\\midrule"]
+        tex += [" & ".join(_latex_cell(c) for c in r) + " \\\\" for r in rows[1:]]
+        tex += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    with open(paths["paper_tex"], "w") as f:
+        f.write("\n".join(tex))
+    return paths
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The robustness curve.
 
@@ -479,6 +543,7 @@ def aggregate_dir(root: str, out_dir: str | None = None) -> dict[str, str]:
     groups = aggregate(rows)
     out_dir = root if out_dir is None else out_dir
     paths = write_tables(groups, out_dir)
+    paths.update(write_paper_tables(groups, out_dir))
     paths["png"] = plot_curve(groups, os.path.join(out_dir, CURVE_PNG))
     return paths
 

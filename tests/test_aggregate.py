@@ -313,6 +313,9 @@ def test_cli(sweep_dir, tmp_path_factory, capsys):
     assert agg.main([str(sweep_dir), "--out", out]) == 0
     assert sorted(os.listdir(out)) == [
         "results_long.csv",
+        "results_paper.csv",
+        "results_paper.md",
+        "results_paper.tex",
         "results_table.csv",
         "results_table.md",
         "robustness_curve.png",
@@ -320,3 +323,25 @@ def test_cli(sweep_dir, tmp_path_factory, capsys):
     empty = str(tmp_path_factory.mktemp("empty"))
     assert agg.main([empty]) == 1
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_paper_layout_puts_every_kind_and_rate_in_one_table(tmp_path):
+    """NLPrompt's Table 1: one table per dataset, sym then asym columns, zero-shot first, as md, CSV, LaTeX."""
+    for kind in ("asym", "sym"):
+        for rate in (0.25, 0.5):
+            for loss, acc in (("dspt", 0.6), ("ce", 0.5), ("nlprompt", 0.55)):
+                for seed in (1, 2):
+                    write(tmp_path, f"{kind}_r{rate:.3f}/{loss}/seed{seed}", kind=kind, rate=rate, loss=loss,
+                          seed=seed, acc=acc + (0.01 if kind == "sym" else 0) + 0.02 * seed)
+    paths = agg.aggregate_dir(str(tmp_path))
+    ((title, rows),) = agg.paper_tables(agg.aggregate(agg.collect(str(tmp_path))))
+    assert rows[0] == ["Method", "sym 25%", "sym 50%", "asym 25%", "asym 50%"]
+    assert [r[0] for r in rows[1:]] == ["Zero-shot CLIP", "CoOp (CE)", "NLPrompt", "DSPT"]
+    assert rows[2][1] == "54.0 ± 1.4" and rows[2][3] == "53.0 ± 1.4"  # CE: 0.5 + 0.01 + 0.02 s, s = 1, 2
+    assert rows[1][1:] == ["40.0"] * 4
+    with open(paths["paper_csv"]) as f:
+        parsed = list(csv.reader(f))
+    assert parsed[0] == ["section"] + rows[0] and parsed[2] == [title] + rows[2]
+    tex = open(paths["paper_tex"]).read()
+    assert "sym 25\\% & sym 50\\%" in tex and "54.0 $\\pm$ 1.4" in tex and tex.count("\\toprule") == 1
+    assert "| CoOp (CE) | 54.0 ± 1.4 |" in open(paths["paper_md"]).read()
