@@ -730,6 +730,14 @@ def training_input(run: Run, evaluator: Evaluator, start_step: int):
     return pipeline.train_batches(run.task, augment=run.config.data.augment, **common)
 
 
+def _relative_to(path: str | None, workdir: str) -> str | None:
+    """`path` relative to `workdir` when it lies inside it (files a run writes), else unchanged."""
+    if path is None:
+        return None
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(workdir))
+    return path if rel.startswith(os.pardir) else rel
+
+
 def training_objective(config, verbose: bool = False) -> str:
     """The loss of plain prompt tuning (`method=coop`), else the method's name."""
     if config.method == "coop":
@@ -1093,7 +1101,8 @@ def results_record(run: Run, zero_shot, final, train_diag, loop: dict, wall_time
             "kind": config.noise.kind,
             "rate": config.noise.rate,
             "num_flips": config.noise.num_flips,
-            "record": getattr(task, "record_path", None),
+            # Relative to the workdir, so that a workdir can be moved or compared with another.
+            "record": _relative_to(getattr(task, "record_path", None), run.workdir),
         },
         "seed": config.seed,
         "model": config.model.source,

@@ -172,6 +172,7 @@ def test_smoke_run_outputs(straight_run):
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     record = os.listdir(os.path.join(workdir, "noise"))
     assert len(record) == 1 and record[0].startswith("toy_train_8shot_sym_r0.250_seed1")
+    assert on_disk["noise"]["record"] == os.path.join("noise", record[0])  # relative: the workdir can move
     # Checkpoints hold the prompt, optimizer state and step only: kilobytes.
     ckpt_bytes = sum(
         os.path.getsize(os.path.join(d, f))
