@@ -549,6 +549,13 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, clip: CLIP | None
     for note in layout.notes:
         log.info("Prompt: %s", note)
     spec = prompt_lib.build_prompt_spec(task.classnames, layout.n_ctx, p.class_token_position)
+    vocab = clip.config.text.vocab_size
+    if int(spec.token_ids.max()) >= vocab:  # an embedding lookup out of range would read NaN, not fail
+        raise ValueError(
+            f"the CLIP at {config.model.source!r} has a vocabulary of {vocab} tokens, but the class prompts "
+            f"use token ids up to {int(spec.token_ids.max())} (CLIP's tokenizer has 49408): use a checkpoint "
+            "with CLIP's vocabulary"
+        )
     repl = sharding.replicated(mesh)
     return Run(
         config=config,

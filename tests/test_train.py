@@ -531,3 +531,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 143 and "Preempted at step" in out and "Traceback" not in out, out[-2000:]
     assert max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) >= 3
+
+
+def test_a_checkpoint_with_a_smaller_vocabulary_is_refused(tmp_path):
+    """Token ids beyond the checkpoint's vocabulary would read NaN embeddings: a clear error instead."""
+    import dataclasses
+
+    from dspt_jax.models import init_clip, save_clip
+    from dspt_jax.models.clip import PRESETS
+
+    tiny = PRESETS["tiny"]
+    small = dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, vocab_size=500, eos_token_id=499))
+    save_clip(init_clip(small), str(tmp_path / "clip"))
+    with pytest.raises(ValueError, match="vocabulary of 500 tokens"):
+        train.train_and_evaluate(smoke_config(**{"model.source": str(tmp_path / "clip")}), str(tmp_path / "run"))
