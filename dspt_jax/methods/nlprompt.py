@@ -7,16 +7,14 @@ Rules followed (qunovo/NLPrompt):
     and this code's deviations from them): the repo's cost modes, uniform marginals over examples and over
     classes, each example assigned to the argmax of its coupling row.
   * An example is "clean" when its assigned class equals its (noisy) label (and, with budget < 1, it is among
-    the int(budget * N) best-matched examples). The epoch trains clean examples
-    with cross-entropy and the others with MAE (the paper's PromptMAE): one loss per example, averaged over
-    the batch.
+    the int(budget * N) best-matched examples). The epoch trains clean examples with cross-entropy and the
+    others with MAE (the paper's PromptMAE; the repo's is GCE with q = 1, i.e. 1 - p_y, as
+    `losses.mean_absolute_error`): one loss per example, averaged over the batch.
 Deviations, each deliberate:
   * Every training example is scored before each epoch. The repo's scoring loader dropped the last partial
     batch, so a few examples were never scored and never selected.
   * Scores come from the unaugmented image. The repo scored through its training loader, i.e. a fresh random
     crop and flip of each image.
-  * MAE is `losses.mean_absolute_error`, 1 - p_y. The L1 distance between p and the one-hot label is
-    2 (1 - p_y), which only rescales that part of the loss.
   * `config.loss` is not used: the method fixes its losses.
 Each epoch's selection is logged with its size and, against the clean labels the noise was made from, its
 precision (selected examples whose label is right) and recall (right labels that were selected).
