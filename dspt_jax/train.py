@@ -757,6 +757,21 @@ def _json_number(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
+def _selection_path(run: Run, epoch: int) -> str:
+    return os.path.join(run.workdir, "method", f"epoch_{epoch:04d}.npz")
+
+
+def _read_selection(path: str) -> tuple[dict, dict]:
+    """(per-example columns, stats) of a saved selection."""
+    with np.load(path) as saved:
+        return {k: saved[k] for k in saved.files if k != "stats"}, json.loads(str(saved["stats"]))
+
+
+def _selection_record(run: Run, epoch: int, stats: dict) -> dict:
+    """One entry of results.json["selections"]."""
+    return {"epoch": epoch + 1, "step": epoch * run.steps_per_epoch, **stats}
+
+
 def epoch_selection(run: Run, evaluator: Evaluator, method: methods.Method, prompt, epoch: int,
                     mid_epoch: bool) -> tuple[dict, dict]:
     """The per-example columns `method.select` makes for `epoch` (in `task.train` order) and their stats.
@@ -764,10 +779,9 @@ def epoch_selection(run: Run, evaluator: Evaluator, method: methods.Method, prom
     Computed from the class probabilities of every training example under `prompt` on unaugmented images,
     and saved in <workdir>/method/epoch_NNNN.npz; read back from there when the epoch was selected before
     (a run resumed in the middle of the epoch trains on the same selection)."""
-    path = os.path.join(run.workdir, "method", f"epoch_{epoch:04d}.npz")
+    path = _selection_path(run, epoch)
     if os.path.exists(path):
-        with np.load(path) as saved:
-            return {c: saved[c] for c in method.columns}, json.loads(str(saved["stats"]))
+        return _read_selection(path)
     if mid_epoch:
         log.warning("No saved %s selection of epoch %d in %s: recomputed from the resumed prompt.",
                     method.name, epoch + 1, run.workdir)
@@ -789,14 +803,9 @@ def epoch_selection(run: Run, evaluator: Evaluator, method: methods.Method, prom
 
 def saved_selections(run: Run, epochs: int) -> list[dict]:
     """The stats of the selections saved for the first `epochs` epochs (those a resumed run has done)."""
-    out = []
-    for epoch in range(epochs):
-        path = os.path.join(run.workdir, "method", f"epoch_{epoch:04d}.npz")
-        if os.path.exists(path):
-            with np.load(path) as saved:
-                out.append({"epoch": epoch + 1, "step": epoch * run.steps_per_epoch,
-                            **json.loads(str(saved["stats"]))})
-    return out
+    paths = [(epoch, _selection_path(run, epoch)) for epoch in range(epochs)]
+    return [_selection_record(run, epoch, _read_selection(path)[1]) for epoch, path in paths
+            if os.path.exists(path)]
 
 
 def _example_positions(ids: np.ndarray) -> np.ndarray:
@@ -882,9 +891,7 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
     keys = sorted({m.key for m in run_methods}, key=repr)
     loss_fns = [next(m.loss for m in run_methods if m.key == k) for k in keys]
     loss_ids = jnp.asarray([keys.index(m.key) for m in run_methods], jnp.int32)
-    selecting = [m for m in run_methods if m.select is not None]
-    if selecting and len(selecting) != num_runs:
-        raise ValueError("runs trained together must all use the same method")
+    selecting = run_methods[0].select is not None  # runs trained together share their method (check_group)
     positions = [_example_positions(run.task.train.ids) for run in runs]  # to look up per-example columns
     columns = [{} for _ in runs]  # the current epoch's per-example columns of each run's method
     selections = [[] for _ in runs]  # per epoch: the selection's stats
@@ -969,7 +976,7 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
                     for r, (run, evaluator, method) in enumerate(zip(runs, evaluators, run_methods)):
                         columns[r], stats = epoch_selection(run, evaluator, method, _take(state.prompt, r), epoch,
                                                             mid_epoch=step % lead.steps_per_epoch != 0)
-                        selections[r].append({"epoch": epoch + 1, "step": epoch * lead.steps_per_epoch, **stats})
+                        selections[r].append(_selection_record(run, epoch, stats))
                         writers[r].write(step, {f"selection_{k}": v for k, v in stats.items() if v is not None})
                     selected_epoch = epoch
                 t_wait = time.time()

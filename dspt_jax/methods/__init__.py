@@ -34,7 +34,6 @@ class Method:
     # Equal keys mean the same loss function: runs trained together share one branch of the step per key.
     key: tuple
     select: SelectFn | None = None
-    columns: tuple[str, ...] = ()  # the per-example columns `select` makes and `loss` reads
 
 
 def plain(loss_fn):

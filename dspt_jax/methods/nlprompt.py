@@ -58,4 +58,4 @@ def method(config: ml_collections.ConfigDict) -> Method:
             stats.update({k: v for k, v in ot.selection_stats(mask, noisy, clean).items() if k != "selected"})
         return {"ot_clean": mask}, stats
 
-    return Method("nlprompt", loss, ("nlprompt",), select, ("ot_clean",))
+    return Method("nlprompt", loss, ("nlprompt",), select)
