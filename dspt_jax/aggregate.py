@@ -43,8 +43,8 @@ log = logging.getLogger("dspt_jax")
 # Readable method names, in the papers' order: the baselines, then DSPT (the method) last. Losses not
 # listed here keep their own name in upper case and go between the baselines and DSPT.
 LOSS_NAMES = {"ce": "CoOp (CE)", "gce": "GCE", "mae": "MAE", "sce": "SCE", "nce_rce": "NCE+RCE",
-              "taylor_ce": "Taylor CE", "nlprompt": "NLPrompt", "dspt": "DSPT"}
-_BASELINE_ORDER = ("ce", "gce", "mae", "sce", "nce_rce", "taylor_ce", "nlprompt")
+              "taylor_ce": "Taylor CE", "elr": "ELR", "joapr": "JoAPR", "nlprompt": "NLPrompt", "dspt": "DSPT"}
+_BASELINE_ORDER = ("ce", "gce", "mae", "sce", "nce_rce", "taylor_ce", "elr", "joapr", "nlprompt")
 ZERO_SHOT_NAME = "Zero-shot CLIP"
 
 METRICS = {

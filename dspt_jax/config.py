@@ -4,7 +4,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from dspt_jax.data.config import default_data_config
-from dspt_jax.methods import nlprompt
+from dspt_jax.methods import elr, joapr, nlprompt
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -16,10 +16,13 @@ def default_config() -> ml_collections.ConfigDict:
     config.seed = 1
     # dspt (double-softmax CE, the method) | ce (CoOp) | gce | mae | sce | nce_rce | taylor_ce (losses.py)
     config.loss = "dspt"
-    # coop: plain prompt tuning with config.loss | nlprompt: NLPrompt's OT purification (config.nlprompt);
-    # see dspt_jax/methods
+    # coop: plain prompt tuning with config.loss | nlprompt: NLPrompt's OT purification (config.nlprompt) |
+    # joapr: JoAPR's mixture partition, refined labels and mixup (config.joapr) | elr: early-learning
+    # regularization (config.elr); see dspt_jax/methods
     config.method = "coop"
     config.nlprompt = nlprompt.default_config()  # used by method=nlprompt only
+    config.joapr = joapr.default_config()  # used by method=joapr only
+    config.elr = elr.default_config()  # used by method=elr only
     config.gce_q = 0.5
 
     # Label noise on the few-shot training set (see dspt_jax/data/noise.py and docs/DATA.md):

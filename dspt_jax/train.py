@@ -12,6 +12,7 @@ respect to the prompt only, so the frozen towers cost no weight gradients.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -214,7 +215,7 @@ def batch_image_features(module: CLIPModule, clip_params, batch) -> jax.Array:
 def make_runs_step(
     module: CLIPModule,
     spec: prompt_lib.PromptSpec,
-    loss_fns,
+    objectives,
     tx,
     *,
     shared_prefix: bool = True,
@@ -224,21 +225,23 @@ def make_runs_step(
     (state, metrics).
 
     Every field of `state` but `step` and every entry of `batch` carry a leading run axis R (its own prompt,
-    optimizer state, examples, labels and mask); `loss_ids` int [R] picks each run's loss from `loss_fns`
-    (no recompiling per loss). A loss is a method's (`methods.Method.loss`): (logits, labels, batch) ->
-    per-example loss, where `batch` is the run's batch with any per-example columns of its method. The runs
+    optimizer state, examples, labels and mask); `loss_ids` int [R] picks each run's objective from
+    `objectives` (no recompiling per loss). An objective is a method's (`methods.Objective`: `methods.plain`
+    of a loss for plain prompt tuning); its `batch` is the run's batch with any per-example columns of its
+    method. The runs
     share the frozen CLIP, the prompt layout and the learning-rate schedule, and nothing else: each run's
     update is exactly its own step alone (`make_train_step` is the R = 1 case). The text tower sees the R x K
     prompts as one batch. Metrics are [R].
     `shared_prefix` and `class_sharding`: how the text tower encodes the class prompts
     (`prompt.class_features`); neither changes the result beyond float rounding.
     """
-    loss_fns = tuple(loss_fns)
+    objectives = tuple(objectives)
 
-    def per_example_loss(loss_id, logits, labels, batch):
-        if len(loss_fns) == 1:
-            return loss_fns[0](logits, labels, batch)
-        return jax.lax.switch(loss_id, loss_fns, logits, labels, batch)
+    def per_example_loss(loss_id, logits_of, image_features, labels, batch):
+        branches = [functools.partial(o, logits_of) for o in objectives]
+        if len(branches) == 1:
+            return branches[0](image_features, labels, batch)
+        return jax.lax.switch(loss_id, branches, image_features, labels, batch)
 
     def one_run(prompt, opt_state, first_bad_step, loss_id, batch, step, clip_params, frozen_embeds):
         image_features = batch_image_features(module, clip_params, batch)
@@ -253,8 +256,8 @@ def make_runs_step(
                 shared_prefix=shared_prefix,
                 class_sharding=class_sharding,
             )
-            logits = logits_from_features(clip_params, image_features, class_features)
-            per_example = per_example_loss(loss_id, logits, batch["label"], batch)
+            logits_of = functools.partial(logits_from_features, clip_params, class_features=class_features)
+            per_example, logits = per_example_loss(loss_id, logits_of, image_features, batch["label"], batch)
             loss = losses.masked_mean(per_example, batch["mask"])
             return loss, logits
 
@@ -788,8 +791,16 @@ def epoch_selection(run: Run, evaluator: Evaluator, method: methods.Method, prom
     ex = run.task.train
     image_features = features.in_order(evaluator.encoded("train"), ex.ids)
     logits = logits_from_features(run.clip_params, jnp.asarray(image_features), evaluator.class_features(prompt))
-    probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
-    columns, stats = method.select(probs, ex.labels, ex.clean)
+    logits = np.asarray(logits, np.float64)  # softmax in float64: no probability underflows to 0 (log p)
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+
+    def previous(e: int):
+        path = _selection_path(run, e)
+        return _read_selection(path) if 0 <= e < epoch and os.path.exists(path) else None
+
+    context = methods.SelectContext(epoch=epoch, seed=run.config.seed, previous=previous)
+    columns, stats = method.select(np.exp(log_probs), ex.labels, ex.clean, context)
     stats = {k: _json_number(v) for k, v in stats.items()}
     log.info("%s selection for epoch %d%s: %s", method.name, epoch + 1, f" ({run.workdir})" if run.workdir else "",
              ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
@@ -889,7 +900,7 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
     n_dev, num_runs = mesh.devices.size, len(runs)
     run_methods = [methods.get_method(r.config) for r in runs]
     keys = sorted({m.key for m in run_methods}, key=repr)
-    loss_fns = [next(m.loss for m in run_methods if m.key == k) for k in keys]
+    objectives = [next(m.objective for m in run_methods if m.key == k) for k in keys]
     loss_ids = jnp.asarray([keys.index(m.key) for m in run_methods], jnp.int32)
     selecting = run_methods[0].select is not None  # runs trained together share their method (check_group)
     positions = [_example_positions(run.task.train.ids) for run in runs]  # to look up per-example columns
@@ -900,7 +911,7 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
         make_runs_step(
             lead.module,
             lead.spec,
-            loss_fns,
+            objectives,
             tx,
             shared_prefix=config.model.shared_prefix,
             class_sharding=sharding.batch_sharding(mesh) if config.model.shard_classes and n_dev > 1 else None,

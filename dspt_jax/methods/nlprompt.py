@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from dspt_jax import losses
-from dspt_jax.methods import Method, ot
+from dspt_jax.methods import Method, SelectContext, on_logits, ot
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -51,11 +51,11 @@ def method(config: ml_collections.ConfigDict) -> Method:
     settings = dict(reg=float(config.reg), cost=str(config.cost), budget=float(config.budget),
                     num_iters=int(config.num_iters), tol=float(config.tol))
 
-    def select(probs: np.ndarray, noisy: np.ndarray, clean: np.ndarray | None):
+    def select(probs: np.ndarray, noisy: np.ndarray, clean: np.ndarray | None, context: SelectContext):
         mask = np.asarray(ot.ot_clean_mask(jnp.asarray(probs), jnp.asarray(noisy), **settings))
         stats = {"selected": int(mask.sum()), "examples": int(mask.size)}
         if clean is not None and (clean >= 0).all():  # precision and recall (NaN when undefined)
             stats.update({k: v for k, v in ot.selection_stats(mask, noisy, clean).items() if k != "selected"})
         return {"ot_clean": mask}, stats
 
-    return Method("nlprompt", loss, ("nlprompt",), select)
+    return Method("nlprompt", on_logits(loss), ("nlprompt",), select)
