@@ -435,18 +435,18 @@ class _StopSignals:
     caught mid-update (the train step donates its input state) and a checkpoint of the last finished step can
     always be written. With several processes the flag is agreed on at log steps (see `stop_requested`); a
     second Ctrl-C aborts at once, and on one host of several that leaves the others waiting in their next
-    collective. `preempted`: a SIGTERM was among the signals."""
+    collective. `preempted`: a SIGTERM was among the signals. `sigterm=False` leaves SIGTERM to whoever
+    handles it already (JAX's preemption service, see `_jax_preemption_service`)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
+    def __init__(self, sigterm: bool = True):
         self.raised = False
         self.preempted = False
+        self._signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
         self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self._previous = {s: signal.signal(s, self._handle) for s in self._signals}
         return self
 
     def _handle(self, signum, frame):
@@ -469,6 +469,21 @@ class _StopSignals:
         for s, previous in self._previous.items():
             signal.signal(s, previous)
         return False
+
+
+def _jax_preemption_service(step: int) -> bool:
+    """Whether JAX's preemption service runs (a multi-process run after `jax.distributed.initialize`, with
+    `jax_enable_preemption_service` on, its default). It then owns SIGTERM: the host that gets one tells the
+    others through the coordination service, and `multihost_utils.reached_preemption_sync_point` turns True on
+    every host at the same step. Calling it with `step` (the first step of the loop, the same on every host)
+    is the protocol's first call."""
+    if jax.process_count() == 1:
+        return False
+    try:
+        multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # the service is disabled
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -960,7 +975,8 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
     # Host time blocked on the input pipeline: per log window, and over the whole training loop.
     input_wait, total_wait, loop_start = 0.0, 0.0, time.time()
     try:
-        with _StopSignals() as stop_signal:
+        jax_preemption = _jax_preemption_service(step)
+        with _StopSignals(sigterm=not jax_preemption) as stop_signal:
             interrupted = False
 
             def stop_requested(sync_point: bool) -> bool:
@@ -1044,6 +1060,11 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
                         log.info("%sepoch %d: test accuracy %.4f", f"[{runs[r].workdir}] " * (num_runs > 1),
                                  epoch, acc)
                 interrupted = stop_requested(log_step)
+                if jax_preemption and not interrupted and multihost_utils.reached_preemption_sync_point(step):
+                    # True on every host at this same step: a SIGTERM reached one of them.
+                    log.warning("Preemption notice (JAX's preemption service): every host stops at step %d and "
+                                "saves a checkpoint.", step)
+                    stop_signal.raised = stop_signal.preempted = interrupted = True
             check_finite()
             if checkpointers[0].latest_step != step:
                 save(force=True)

@@ -141,3 +141,43 @@ def test_ctrl_c_on_one_host_stops_both_at_the_same_step(tmp_path):
     assert stopped[0] == stopped[1] and stopped[0] % 2 == 0 and 4 <= stopped[0] < 400
     saved = {int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()}
     assert stopped[0] in saved
+
+
+def test_sigterm_on_one_host_stops_both_at_the_same_step_and_the_rerun_finishes(tmp_path):
+    """Preemption on a pod: SIGTERM reaches one host. JAX's preemption service (on after
+    jax.distributed.initialize) tells the other, both save the same step and exit with 143; the same command
+    then finishes the run, and its prompt is the one of an uninterrupted single-process run."""
+    workdir = str(tmp_path / "run")
+    extra = ("--config.num_epochs=30", "--config.log_every_steps=2", "--config.eval_train=False",
+             "--config.checkpoint_every_steps=100000")
+    procs, logs = _two_processes(workdir, str(tmp_path), *extra)
+    try:
+        deadline = time.time() + 300
+        while " step 4/" not in open(logs[1]).read():  # wait until training is under way
+            assert time.time() < deadline and procs[1].poll() is None, open(logs[1]).read()[-2000:]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    outs = _finish(procs, logs, 240)
+    stopped = []
+    for p, out in zip(procs, outs):
+        assert p.returncode == 143, (p.returncode, out[-2000:])
+        found = re.findall(r"Preempted at step (\d+); checkpoint saved", out)
+        assert len(found) == 1, out[-2000:]
+        stopped.append(int(found[0]))
+    assert stopped[0] == stopped[1] and 4 <= stopped[0] < 120, stopped
+    assert stopped[0] in {int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()}
+
+    rerun_logs = tmp_path / "rerun"
+    rerun_logs.mkdir()
+    procs, logs = _two_processes(workdir, str(rerun_logs), *extra)
+    for p, out in zip(procs, _finish(procs, logs, 600)):
+        assert p.returncode == 0, out[-3000:]
+        assert f"at step {stopped[0]}" in out  # resumed where both stopped
+    one = str(tmp_path / "one")
+    subprocess.run(_main(one, *extra), cwd=REPO, env=_env(), check=True, capture_output=True, timeout=600)
+    np.testing.assert_allclose(np.load(os.path.join(workdir, "prompt.npz"))["ctx"],
+                               np.load(os.path.join(one, "prompt.npz"))["ctx"], rtol=1e-4, atol=1e-6)
