@@ -290,7 +290,7 @@ def get_loss_fn(name: str, *, gce_q: float = 0.5) -> LossFn:
         ValueError: for an unknown name (the message lists the valid ones) or an invalid ``gce_q``.
     """
     if name not in LOSSES:
-        raise ValueError(f"Unknown loss {name!r}; valid choices are {sorted(LOSSES)}.")
+        raise ValueError(f"Unknown loss {name!r} (config.loss); valid choices are {sorted(LOSSES)}.")
     if name == "gce":
         return functools.partial(generalized_cross_entropy, q=_check_gce_q(gce_q))
     return LOSSES[name]

@@ -394,7 +394,8 @@ def config_mismatches(saved: dict, config: ml_collections.ConfigDict) -> list[st
     ]
 
 
-def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses a workdir this run cannot use (a URL, or one holding a run of another setting); writes nothing."""
     if "://" in workdir:
         raise ValueError(
             f"workdir {workdir!r} is a URL; use a path on a file system every host sees (NFS, a GCS FUSE "
@@ -409,8 +410,12 @@ def _prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
                 f"{workdir} holds a run with a different setting ({'; '.join(problems)}). Use another "
                 "workdir, or delete this one to start over."
             )
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """The workdir's config.json, written once the run is set up: a run refused before leaves no trace."""
     os.makedirs(workdir, exist_ok=True)
-    _write_json(saved_path, config.to_dict())
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
 
 def train_batch_size(config, train_size: int, n_dev: int) -> tuple[int, int]:
@@ -1137,7 +1142,9 @@ def results_record(run: Run, zero_shot, final, train_diag, loop: dict, wall_time
         "num_classes": task.num_classes,
         "shots": config.data.shots,
         # Which train/val/test splits were used, and whether the test set is CoOp's protocol's.
-        "splits": {"source": task.splits, "test_as_coop": task.test_as_coop},
+        "splits": {"source": task.splits, "test_as_coop": task.test_as_coop,
+                   # Image files of your own data left out as unreadable (data.bad_images="skip"); logged by name.
+                   "skipped_images": len(getattr(task, "skipped_images", ()))},
         "method": config.method,
         # What tables name the run by: the loss of plain prompt tuning, else the method (whose own losses
         # replace config.loss; see dspt_jax/methods).
@@ -1224,11 +1231,15 @@ def train_runs(configs, workdirs, clip: CLIP | None = None) -> list[dict]:
         validate_config(config)
     check_group(configs)
     check_inputs(configs[0], check_model=clip is None)
+    for config in configs[1:]:  # each run draws its own training set (seed, noise): each is checked
+        check_inputs(config, check_model=False)
     for config, workdir in zip(configs, workdirs):
-        _prepare_workdir(config, workdir)
+        _check_workdir(config, workdir)
     lead = setup_run(configs[0], workdirs[0], clip)
     runs = [lead] + [setup_run(c, w, lead.clip, lead.clip_params) for c, w in zip(configs[1:], workdirs[1:])]
     _check_runs_match(runs)
+    for config, workdir in zip(configs, workdirs):  # only now: set-up refusals leave the workdir as it was
+        _write_config(config, workdir)
     evaluators = [Evaluator(lead)]
     evaluators += [Evaluator(run, shared=evaluators[0]) for run in runs[1:]]
     zero_shots = [zero_shot_phase(run, e) for run, e in zip(runs, evaluators)]

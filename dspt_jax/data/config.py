@@ -56,6 +56,12 @@ def default_data_config() -> ml_collections.ConfigDict:
             "label_column": config_dict.placeholder(str),
             # Seed of the fixed train/val/test carve for data without a test split (CoOp's 50/20/30 rule).
             "split_seed": 0,
+            # Image files of your own data (name="folder" / "csv") that cannot be read (missing, empty,
+            # truncated, not an image): "fail" stops the run before it writes anything, naming each file;
+            # "skip" leaves them out and logs each one with the count. Either way every file is decoded
+            # once by the start-up check (the result is cached by file name, size and mtime). Grey-scale,
+            # CMYK, 16-bit and palette images are readable: they are converted to 8-bit RGB.
+            "bad_images": "fail",
             "noise": {
                 # none | sym | asym | sym_incl | symflip | pairflip | matrix | real
                 "kind": "none",
@@ -64,6 +70,10 @@ def default_data_config() -> ml_collections.ConfigDict:
                 "num_flips": config_dict.placeholder(int),
                 # [K, K] row-stochastic matrix for kind "matrix".
                 "transition": config_dict.placeholder(object),
+                # A dataset with its own noisy labels (cifar10n, cifar100n, food101n, csv, arrays with
+                # clean labels) refuses the synthetic kinds unless this is True: then they start from its
+                # clean labels (known for every training example) instead of its noisy ones.
+                "use_clean_labels": False,
             },
         }
     )

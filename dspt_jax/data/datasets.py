@@ -125,12 +125,13 @@ class ArraySplit:
         images = np.asarray(self.images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(
-                f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}"
+                f"images must be uint8 [N, H, W, 3] (RGB pixels 0..255), got {images.dtype} {images.shape}; "
+                "convert them first (e.g. grey-scale to 3 channels, floats in [0, 1] times 255 to uint8)"
             )
         labels = np.asarray(self.labels)
         if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(
-                f"labels must be int [{images.shape[0]}], got {labels.dtype} {labels.shape}"
+                f"labels must be int [{images.shape[0]}] (one class index per image), got {labels.dtype} {labels.shape}"
             )
         object.__setattr__(self, "images", images)
         object.__setattr__(self, "labels", labels.astype(np.int64))
@@ -213,13 +214,17 @@ class DatasetInfo:
         """
         names = [str(s) for s in source_names]
         k = self.num_classes
+        # The labels of the data on disk disagree with the registry: another tfds version, or other files.
+        fix = (f"the prepared data is not the {self.tfds_name or self.name} this registry entry was written for: "
+               f"prepare it again (python -m dspt_jax.data.prepare {self.name}) or use CoOp's split file and "
+               "folder (docs/DATA.md)")
         if self.label_rule == "identity":
             if len(names) != k:
-                raise ValueError(f"{self.name}: source has {len(names)} labels, registry {k} classes")
+                raise ValueError(f"{self.name}: source has {len(names)} labels, registry {k} classes; {fix}")
             return np.arange(k, dtype=np.int64)
         if self.label_rule == "sorted":
             if len(names) != k or len(set(names)) != k:
-                raise ValueError(f"{self.name}: source has {len(names)} labels, registry {k} classes")
+                raise ValueError(f"{self.name}: source has {len(names)} labels, registry {k} classes; {fix}")
             rank = {s: i for i, s in enumerate(sorted(names))}
             return np.array([rank[s] for s in names], np.int64)
         if self.label_rule != "rename":
@@ -233,12 +238,12 @@ class DatasetInfo:
             if target not in index:
                 raise ValueError(
                     f"{self.name}: source label {s!r} (CoOp name {target!r}) is not one of the "
-                    f"{k} registry classes"
+                    f"{k} registry classes; {fix}"
                 )
             out[j] = index[target]
         hits = out[out >= 0]
         if np.unique(hits).size != hits.size:
-            raise ValueError(f"{self.name}: two source labels map to one class")
+            raise ValueError(f"{self.name}: two source labels map to one class; {fix}")
         return out
 
 
@@ -362,11 +367,12 @@ def _check_info(info: DatasetInfo) -> None:
     if not info.name or not isinstance(info.name, str):
         raise ValueError(f"dataset name must be a non-empty string, got {info.name!r}")
     if info.name in OWN_DATA_NAMES:
-        raise ValueError(f"{info.name!r} is reserved for your own data; pick another name")
+        raise ValueError(f"{info.name!r} is reserved for your own data (data.name='folder' / 'csv'); pick another name")
+    if len(set(info.classnames)) < 2:
+        raise ValueError(f"{info.name}: need at least 2 distinct class names, got {list(info.classnames)}")
     # CLIP's ImageNet names repeat two names; classes are told apart by index there ("sorted").
-    duplicates = len(set(info.classnames)) != len(info.classnames)
-    if len(info.classnames) < 2 or (duplicates and info.label_rule != "sorted"):
-        raise ValueError(f"{info.name}: need at least 2 distinct class names, got {len(info.classnames)}")
+    if info.label_rule != "sorted":
+        check_distinct_names(info.classnames, f"dataset {info.name!r}", "rename one of them")
     if info.template.count("{}") != 1:
         raise ValueError(f"{info.name}: template must hold exactly one '{{}}', got {info.template!r}")
     if info.kind not in ("tfds", "food101n", "arrays"):
@@ -375,11 +381,26 @@ def _check_info(info: DatasetInfo) -> None:
         raise ValueError(f"{info.name}: unknown label_rule {info.label_rule!r}; valid: {_LABEL_RULES}")
 
 
+def check_distinct_names(names: Sequence[str], where: str, fix: str) -> None:
+    """Raises ValueError naming every class name that ``names`` holds twice: two classes with one name get
+    one prompt, so CLIP could never tell them apart. ``where`` says whose names they are, ``fix`` what to do."""
+    seen: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        seen.setdefault(name, []).append(i)
+    repeated = {name: idx for name, idx in seen.items() if len(idx) > 1}
+    if repeated:
+        listed = "; ".join(f"{name!r} (classes {', '.join(map(str, idx))})" for name, idx in list(repeated.items())[:5])
+        raise ValueError(
+            f"{where}: {len(repeated)} class name(s) appear more than once: {listed}. Two classes with one name "
+            f"get the same prompt: {fix}"
+        )
+
+
 def register_dataset(info: DatasetInfo, overwrite: bool = False) -> DatasetInfo:
     """Adds ``info`` to ``DATASETS`` (ValueError if the name is taken and not ``overwrite``)."""
     _check_info(info)
     if not overwrite and (info.name in DATASETS or info.name in ALIASES):
-        raise ValueError(f"dataset {info.name!r} is already registered (pass overwrite=True)")
+        raise ValueError(f"dataset {info.name!r} is already registered (pass overwrite=True, or pick another name)")
     DATASETS[info.name] = info
     return info
 
@@ -396,7 +417,10 @@ def _as_split(value: Any, what: str, num_classes: int) -> ArraySplit:
             continue
         low = -1 if field == "clean" else 0
         if arr.min() < low or arr.max() >= num_classes:
-            raise ValueError(f"{what} {field} must lie in [{low}, {num_classes}), got [{arr.min()}, {arr.max()}]")
+            raise ValueError(
+                f"{what} {field} must lie in [{low}, {num_classes}), got [{arr.min()}, {arr.max()}]: the class-name "
+                f"list has {num_classes} names, label c is classnames[c]; give one name per label value"
+            )
     return split
 
 
@@ -454,7 +478,7 @@ def canonical_name(name: str) -> str:
         importlib.import_module(GENERATED[low]).register()
         return low
     raise ValueError(
-        f"unknown dataset {name!r}; valid names: {sorted(set(DATASETS) | set(GENERATED))} or your own "
+        f"unknown dataset {name!r} (data.name); valid names: {sorted(set(DATASETS) | set(GENERATED))} or your own "
         f"data: {list(OWN_DATA_NAMES)} (aliases: {sorted(ALIASES)})"
     )
 
@@ -478,6 +502,7 @@ __all__ = (
     "ALIASES",
     "OWN_DATA_NAMES",
     "canonical_name",
+    "check_distinct_names",
     "get_dataset_info",
     "register_dataset",
     "register_array_dataset",

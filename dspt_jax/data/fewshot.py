@@ -22,13 +22,13 @@ from dspt_jax.data import noise
 
 def _check_shots(shots: Any, allow_all: bool = True) -> int:
     if isinstance(shots, (bool, np.bool_)) or not isinstance(shots, (int, np.integer)):
-        raise ValueError(f"shots must be an integer (> 0, or -1 for all), got {shots!r}")
+        raise ValueError(f"data.shots must be an integer (> 0, or -1 for all), got {shots!r}")
     shots = int(shots)
     if shots == -1 and allow_all:
         return shots
     if shots < 1:
         valid = "> 0 or -1 (all examples)" if allow_all else "> 0"
-        raise ValueError(f"shots must be {valid}, got {shots}")
+        raise ValueError(f"data.shots must be {valid}, got {shots}")
     return shots
 
 
@@ -127,10 +127,13 @@ def sample_per_class_flips(
     if kind not in noise.PER_CLASS_KINDS:
         raise ValueError(f"unknown per-class noise kind {kind!r}; valid: {noise.PER_CLASS_KINDS}")
     if isinstance(num_flips, (bool, np.bool_)) or not isinstance(num_flips, (int, np.integer)):
-        raise ValueError(f"num_flips must be an integer in [0, shots], got {num_flips!r}")
+        raise ValueError(f"noise.num_flips must be an integer in [0, data.shots], got {num_flips!r}")
     num_flips = int(num_flips)
     if not 0 <= num_flips <= shots:
-        raise ValueError(f"num_flips must be in [0, shots={shots}], got {num_flips}")
+        raise ValueError(
+            f"noise.num_flips must be in [0, data.shots={shots}] (the foreign images among a class's "
+            f"{shots} shots), got {num_flips}: lower noise.num_flips or raise data.shots"
+        )
     rng = noise.rng_for(seed, "per_class_flips")
 
     # Each class's images in a random order; a class's queue is consumed from the front.
@@ -152,7 +155,8 @@ def sample_per_class_flips(
                 if remaining[src] == 0:
                     raise ValueError(
                         f"pairflip: class {src} has no unused image left to label as class {c} "
-                        f"({queues[src].size} images, shots={shots}, num_flips={num_flips})"
+                        f"({queues[src].size} images, data.shots={shots}, noise.num_flips={num_flips}); "
+                        "lower data.shots or noise.num_flips (or noise.rate)"
                     )
             else:
                 others = np.flatnonzero(remaining > 0)
@@ -160,7 +164,8 @@ def sample_per_class_flips(
                 if others.size == 0:
                     raise ValueError(
                         f"symflip: no unused image of another class left to label as class {c} "
-                        f"(shots={shots}, num_flips={num_flips})"
+                        f"(data.shots={shots}, noise.num_flips={num_flips}); lower data.shots or "
+                        "noise.num_flips (or noise.rate)"
                     )
                 src = int(rng.choice(others))
             picked.append(queues[src][heads[src] : heads[src] + 1])
@@ -173,6 +178,25 @@ def sample_per_class_flips(
     order = np.argsort(indices, kind="stable")
     indices, noisy = indices[order], noisy[order]
     return indices, noisy, noisy != labels[indices]
+
+
+def flips_for(spec: noise.NoiseSpec, shots: int) -> int:
+    """F, the foreign images per class of a per-class kind (``symflip`` / ``pairflip``) at ``shots`` shots;
+    raises ValueError, naming the config fields, for a setting that cannot be drawn from any data: shots -1,
+    F > shots, or ``num_flips`` disagreeing with ``rate``."""
+    if shots == -1:
+        raise ValueError(
+            f"noise.kind={spec.kind!r} puts a fixed number of foreign images among each class's shots, so "
+            "it needs data.shots > 0, not -1 (the whole training split)"
+        )
+    shots = _check_shots(shots, allow_all=False)
+    flips = spec.flips_per_class(shots)
+    if flips > shots:
+        raise ValueError(
+            f"noise.num_flips must be in [0, data.shots={shots}] (the foreign images among a class's "
+            f"{shots} shots), got {flips}: lower noise.num_flips or raise data.shots"
+        )
+    return flips
 
 
 @dataclasses.dataclass
@@ -247,10 +271,8 @@ def select_train(
     num_classes = noise.resolve_num_classes(labels, num_classes)
 
     if spec.kind in noise.PER_CLASS_KINDS:
-        shots = _check_shots(shots, allow_all=False)
-        idx, noisy, flipped = sample_per_class_flips(
-            labels, shots, spec.flips_per_class(shots), spec.kind, seed, num_classes
-        )
+        flips = flips_for(spec, shots)
+        idx, noisy, flipped = sample_per_class_flips(labels, shots, flips, spec.kind, seed, num_classes)
         return TrainSelection(idx, labels[idx], noisy, flipped)
 
     idx = sample_few_shot(labels, shots, seed, num_classes)
@@ -260,8 +282,8 @@ def select_train(
     elif spec.kind == "matrix":
         if spec.transition_matrix().shape[0] != num_classes:
             raise ValueError(
-                f"transition is {spec.transition_matrix().shape[0]}x{spec.transition_matrix().shape[0]}"
-                f" but the dataset has {num_classes} classes"
+                f"noise.transition is {spec.transition_matrix().shape[0]}x{spec.transition_matrix().shape[0]}"
+                f" but the dataset has {num_classes} classes: give a {num_classes} x {num_classes} matrix"
             )
         noisy, flipped = noise.corrupt_with_matrix(clean, spec.transition_matrix(), seed)
     else:
@@ -273,6 +295,7 @@ __all__ = (
     "sample_few_shot",
     "sample_validation",
     "sample_per_class_flips",
+    "flips_for",
     "TrainSelection",
     "select_train",
 )

@@ -123,10 +123,10 @@ def resolve_num_classes(labels: np.ndarray, num_classes: int | None, name: str =
 def check_rate(rate: Any) -> float:
     """Returns ``rate`` as a float; raises ValueError unless it is a finite number in [0, 1]."""
     if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Real):
-        raise ValueError(f"rate must be a number in [0, 1], got {rate!r}")
+        raise ValueError(f"noise.rate must be a number in [0, 1], got {rate!r}")
     rate = float(rate)
     if not (0.0 <= rate <= 1.0):  # also rejects NaN
-        raise ValueError(f"rate must be in [0, 1], got {rate}")
+        raise ValueError(f"noise.rate must be in [0, 1] (a fraction: 0.4, not 40), got {rate}")
     return rate
 
 
@@ -135,18 +135,18 @@ def check_transition(transition: Any) -> np.ndarray:
     try:
         mat = np.asarray(transition, dtype=np.float64)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"transition must be a numeric [K, K] matrix: {e}") from None
+        raise ValueError(f"noise.transition must be a numeric [K, K] matrix: {e}") from None
     if mat.ndim != 2 or mat.shape[0] != mat.shape[1] or mat.shape[0] < 2:
-        raise ValueError(f"transition must be a square [K, K] matrix with K >= 2, got shape {mat.shape}")
+        raise ValueError(f"noise.transition must be a square [K, K] matrix with K >= 2, got shape {mat.shape}")
     if not np.all(np.isfinite(mat)):
-        raise ValueError("transition must be finite")
+        raise ValueError("noise.transition must be finite")
     if mat.min() < 0:
-        raise ValueError(f"transition entries must be >= 0, found {mat.min()}")
+        raise ValueError(f"noise.transition entries must be >= 0, found {mat.min()}")
     sums = mat.sum(axis=1)
     if not np.allclose(sums, 1.0, rtol=0.0, atol=_ROW_SUM_ATOL):
         row = int(np.argmax(np.abs(sums - 1.0)))
         raise ValueError(
-            f"transition must be row-stochastic (rows sum to 1); row {row} sums to {sums[row]}"
+            f"noise.transition must be row-stochastic (each row sums to 1); row {row} sums to {sums[row]}"
         )
     return mat
 
@@ -281,28 +281,35 @@ class NoiseSpec:
     def validate(self) -> "NoiseSpec":
         """Raises ValueError on an inconsistent spec; returns self."""
         if self.kind not in ALL_KINDS:
-            raise ValueError(f"unknown noise kind {self.kind!r}; valid kinds: {ALL_KINDS}")
+            raise ValueError(f"unknown noise kind {self.kind!r} (noise.kind); valid kinds: {ALL_KINDS}")
         check_rate(self.rate)
         if self.num_flips is not None:
             if self.kind not in PER_CLASS_KINDS:
                 raise ValueError(
-                    f"num_flips is only for {PER_CLASS_KINDS}, got kind {self.kind!r}"
+                    f"noise.num_flips is only used by the kinds {PER_CLASS_KINDS}, got noise.kind="
+                    f"{self.kind!r}; leave noise.num_flips unset (None)"
                 )
             if isinstance(self.num_flips, (bool, np.bool_)) or not isinstance(
                 self.num_flips, numbers.Integral
             ) or self.num_flips < 0:
-                raise ValueError(f"num_flips must be an integer >= 0, got {self.num_flips!r}")
+                raise ValueError(f"noise.num_flips must be an integer >= 0, got {self.num_flips!r}")
         if self.kind == "matrix":
             if self.transition is None:
-                raise ValueError("kind 'matrix' needs a transition matrix")
+                raise ValueError("kind 'matrix' needs a transition matrix: set noise.transition (K x K)")
             check_transition(self.transition)
             if self.rate != 0.0:
-                raise ValueError(f"kind 'matrix' takes its noise from the matrix; rate must be 0, got {self.rate}")
+                raise ValueError(
+                    f"kind 'matrix' takes its noise from the matrix; rate must be 0 (noise.rate), got {self.rate}"
+                )
         elif self.transition is not None:
-            raise ValueError(f"a transition matrix is only used with kind 'matrix', got kind {self.kind!r}")
+            raise ValueError(
+                f"noise.transition is only used with kind 'matrix', got noise.kind={self.kind!r}; unset it"
+            )
         if self.kind in ("none", "real") and self.rate != 0.0:
             # Real-noise data get no synthetic noise unless a synthetic kind is asked for.
-            raise ValueError(f"kind {self.kind!r} adds no synthetic noise; rate must be 0, got {self.rate}")
+            raise ValueError(
+                f"kind {self.kind!r} adds no synthetic noise; rate must be 0: set noise.rate=0 (got {self.rate})"
+            )
         return self
 
     def transition_matrix(self) -> np.ndarray | None:
@@ -316,8 +323,8 @@ class NoiseSpec:
         if self.num_flips is not None:
             if self.rate != 0.0 and int(self.rate * shots) != self.num_flips:
                 raise ValueError(
-                    f"num_flips={self.num_flips} disagrees with rate={self.rate} at {shots} shots "
-                    f"(int(rate * shots) = {int(self.rate * shots)}); give one of them"
+                    f"noise.num_flips={self.num_flips} disagrees with noise.rate={self.rate} at {shots} shots "
+                    f"(int(rate * shots) = {int(self.rate * shots)}); set only one of them (the other 0 / None)"
                 )
             return self.num_flips
         return int(self.rate * shots)

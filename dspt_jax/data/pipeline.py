@@ -29,7 +29,6 @@ import itertools
 import logging
 import math
 import os
-import re
 from typing import Any, Callable, Iterator, NamedTuple
 
 import ml_collections
@@ -37,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from dspt_jax.data import config as config_lib
-from dspt_jax.data import fewshot, noise, sources
+from dspt_jax.data import datasets, fewshot, noise, sources
 from dspt_jax.data.config import CLIP_MEAN, CLIP_STD
 
 # The accelerator belongs to JAX: TensorFlow here runs on the CPU only.
@@ -173,6 +172,7 @@ class Task:
       image_size, augment, crop_scale: preprocessing defaults from the config.
       splits, test_as_coop: which splits were used, in words, and whether the test set is the one of
         CoOp's protocol (False: numbers are not comparable with CoOp-protocol tables; None: not CoOp data).
+      skipped_images: the image files of your own data left out as unreadable, with why.
     """
 
     name: str
@@ -193,6 +193,8 @@ class Task:
     crop_scale: tuple[float, float]
     splits: str = ""
     test_as_coop: bool | None = None
+    # (path, reason) of the unreadable image files left out (data.bad_images="skip").
+    skipped_images: tuple[tuple[str, str], ...] = ()
     _payloads: list | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -232,8 +234,12 @@ def _merge(base: ml_collections.ConfigDict, update: Any, where: str = "data") ->
             raise ValueError(f"unknown config field {where}.{key}; valid: {sorted(base.keys())}")
         if isinstance(base[key], ml_collections.ConfigDict):
             _merge(base[key], value, f"{where}.{key}")
-        else:
+            continue
+        try:
             base[key] = value
+        except TypeError as e:  # ml_collections keeps each field's type
+            raise ValueError(f"{where}.{key}={value!r} has the wrong type for this field ({e}); give a value of "
+                             f"the type of its default") from None
 
 
 def data_config(cfg: Any = None) -> ml_collections.ConfigDict:
@@ -248,6 +254,10 @@ def data_config(cfg: Any = None) -> ml_collections.ConfigDict:
     lo, hi = (float(x) for x in out.crop_scale)
     if not 0.0 < lo <= hi <= 1.0:
         raise ValueError(f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {tuple(out.crop_scale)}")
+    if out.bad_images not in sources.BAD_IMAGE_POLICIES:
+        raise ValueError(f"data.bad_images must be one of {sources.BAD_IMAGE_POLICIES}, got {out.bad_images!r}")
+    if not isinstance(out.noise.use_clean_labels, bool):
+        raise ValueError(f"noise.use_clean_labels must be True or False, got {out.noise.use_clean_labels!r}")
     return out
 
 
@@ -256,16 +266,80 @@ def _noise_spec(cfg: ml_collections.ConfigDict) -> noise.NoiseSpec:
     return noise.NoiseSpec(kind=n.kind, rate=n.rate, num_flips=n.num_flips, transition=n.transition)
 
 
-def _select(src: sources.SourceData, cfg, spec: noise.NoiseSpec) -> fewshot.TrainSelection:
-    """``fewshot.select_train`` on the full training label table (every host draws the same)."""
+def _check_noise_for_data(name: str, real_noise: bool, spec: noise.NoiseSpec, use_clean_labels: bool) -> None:
+    """Refuses a noise kind that does not fit whether the dataset ``name`` ships its own noisy labels."""
+    if spec.kind == "real" and not real_noise:
+        raise ValueError(
+            f"noise.kind='real' trains on a dataset's own noisy labels, and {name!r} has none; "
+            "datasets with real noise: cifar10n, cifar100n, food101n, csv (or set another noise.kind)"
+        )
+    if spec.kind == "real" and use_clean_labels:
+        raise ValueError("noise.use_clean_labels=True asks for the dataset's clean labels and noise.kind='real' "
+                         "for its noisy ones: set one of them")
+    if real_noise and spec.kind not in ("none", "real") and not use_clean_labels:
+        # Synthetic noise on data that has real noise replaces that noise: done only when asked for.
+        raise ValueError(
+            f"{name!r} has its own noisy labels (real noise), and noise.kind={spec.kind!r} would replace them "
+            f"with synthetic noise on its clean labels. Set noise.kind='real' to train on its own labels, or "
+            f"noise.use_clean_labels=True to start {spec.kind!r} from its clean labels."
+        )
+
+
+def _check_setting(cfg: ml_collections.ConfigDict, spec: noise.NoiseSpec) -> None:
+    """Refuses, from the config alone (no data read), a noise setting that cannot work with the shots or
+    with the dataset: a per-class kind that cannot be drawn, real noise where there is none (or synthetic
+    noise where there is, unasked), a transition matrix of the wrong size."""
+    if spec.kind in noise.PER_CLASS_KINDS:
+        fewshot.flips_for(spec, cfg.shots)
+    name = datasets.canonical_name(cfg.name)
+    info = None if name in datasets.OWN_DATA_NAMES else datasets.get_dataset_info(name)
+    real_noise = (name == "csv") if info is None else info.real_noise
+    _check_noise_for_data(name, real_noise, spec, cfg.noise.use_clean_labels)
+    if spec.kind == "matrix" and info is not None and spec.transition_matrix().shape[0] != info.num_classes:
+        k = info.num_classes
+        raise ValueError(f"noise.transition is {spec.transition_matrix().shape[0]}x"
+                         f"{spec.transition_matrix().shape[0]} but {name} has {k} classes: give a {k} x {k} matrix")
+
+
+def _user_classes(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the class list of ``cfg``'s dataset is the user's (your own data, an in-memory dataset) rather
+    than a registry dataset's (CoOp's names, which partial or mock data may leave some classes of empty)."""
+    name = datasets.canonical_name(cfg.name)
+    return name in datasets.OWN_DATA_NAMES or datasets.get_dataset_info(name).kind == "arrays"
+
+
+def _check_classes(src: sources.SourceData, labels: np.ndarray, shots: int, refuse_empty: bool, warn: bool) -> None:
+    """Refuses (``refuse_empty``; else warns about) classes without a training example by ``labels``, the labels
+    the sample is drawn by, and warns about classes with fewer than ``shots`` (CoOp's rule keeps all they have).
+    ``warn`` False: no warnings (the start-up check; the load that follows gives them)."""
+    k = len(src.classnames)
+    counts = np.bincount(labels[labels >= 0], minlength=k)
+    empty = [src.classnames[c] for c in np.flatnonzero(counts == 0)]
+    if empty:
+        message = (f"{src.name}: {len(empty)} of the {k} classes have no training examples: {empty[:10]}"
+                   f"{' ...' if len(empty) > 10 else ''}. Every class needs at least one training image")
+        if refuse_empty:
+            raise ValueError(f"{message}: add images of it, or remove the class (its folder, its rows, or its "
+                             "name from the class list)")
+        if warn:
+            log.warning("%s (the data on disk is incomplete?)", message)
+    short = np.flatnonzero(counts < shots)
+    if warn and shots > 0 and short.size:
+        listed = ", ".join(f"{src.classnames[c]!r}: {counts[c]}" for c in short[:10])
+        log.warning("%s: %d of the %d classes have fewer training examples than data.shots=%d (%s%s); CoOp's rule "
+                    "trains them on all they have. Lower data.shots to draw every class evenly.",
+                    src.name, short.size, k, shots, listed, " ..." if short.size > 10 else "")
+
+
+def _select(src: sources.SourceData, cfg, spec: noise.NoiseSpec, warn: bool = True) -> fewshot.TrainSelection:
+    """``fewshot.select_train`` on the full training label table (every host draws the same). ``warn``: log
+    what is accepted but worth knowing (False in the start-up check: the load that follows logs it)."""
     pool = src.train
     k = len(src.classnames)
+    _check_noise_for_data(src.name, src.real_noise, spec, cfg.noise.use_clean_labels)
+    refuse_empty = _user_classes(cfg)
     if spec.kind == "real":
-        if not src.real_noise:
-            raise ValueError(
-                f"noise.kind='real' trains on a dataset's own noisy labels, and {src.name!r} has none; "
-                "datasets with real noise: cifar10n, cifar100n, food101n, csv"
-            )
+        _check_classes(src, pool.labels, cfg.shots, refuse_empty, warn)
         return fewshot.select_train(pool.clean, k, cfg.shots, spec, cfg.seed, noisy_labels=pool.labels)
     if src.real_noise:
         if np.any(pool.clean < 0):
@@ -274,9 +348,12 @@ def _select(src: sources.SourceData, cfg, spec: noise.NoiseSpec) -> fewshot.Trai
                 f"example, so noise.kind={spec.kind!r} (which starts from clean labels) cannot be used; "
                 "set noise.kind='real' to train on its own labels"
             )
-        log.warning("%s has its own noisy labels; noise.kind=%r starts from its clean labels "
-                    "(noise.kind='real' trains on the noisy ones)", src.name, spec.kind)
+        if warn:
+            log.warning("%s has its own noisy labels; noise.kind=%r starts from its clean labels "
+                        "(noise.kind='real' trains on the noisy ones)", src.name, spec.kind)
+        _check_classes(src, pool.clean, cfg.shots, refuse_empty, warn)
         return fewshot.select_train(pool.clean, k, cfg.shots, spec, cfg.seed)
+    _check_classes(src, pool.labels, cfg.shots, refuse_empty, warn)
     return fewshot.select_train(pool.labels, k, cfg.shots, spec, cfg.seed)
 
 
@@ -295,9 +372,41 @@ def _write_record(record: dict, workdir: str, process_index: int) -> str:
 
 
 def check_data(cfg: Any = None) -> None:
-    """Raises, without reading any data, what ``load_task(cfg)`` would raise for data that is not there
-    (an unprepared tfds dataset, a missing folder, split file or CSV)."""
-    sources.check_available(data_config(cfg))
+    """Raises what ``load_task(cfg)`` would raise, writing nothing: the trainer's start-up check, made before
+    it writes into the workdir.
+
+    Every dataset: the config's own consistency (fields, noise against shots and dataset) and whether the
+    data is there (an unprepared tfds dataset, a missing folder, split file, CSV or listed image), reading no
+    tfds label table. Your own data (name "folder" / "csv") and in-memory datasets, whose labels are cheap
+    to read, are also read and drawn from, so their refusals (empty classes, a CSV's labels, a training set
+    that cannot be drawn) come here; and every image file of your own data is decoded once
+    (``sources.screen_images``: data.bad_images="fail" refuses the unreadable ones here, naming each).
+    """
+    cfg = data_config(cfg)
+    spec = _noise_spec(cfg)
+    _check_setting(cfg, spec)
+    sources.check_available(cfg)
+    if _user_classes(cfg):
+        _draw(cfg, spec, check_images=True)
+
+
+def _draw(cfg: ml_collections.ConfigDict, spec: noise.NoiseSpec, check_images: bool):
+    """The source of ``cfg`` with its training set drawn and its validation set sampled: (source,
+    selection, training examples, validation examples). ``check_images``: the start-up check (every image
+    file of your own data decoded; no warnings, which the load that follows gives)."""
+    src = sources.load_source(cfg, check_images=check_images)
+    if len(src.test) == 0:
+        raise ValueError(f"{src.name}: the test split is empty ({src.splits}); give it test images")
+    sel = _select(src, cfg, spec, warn=not check_images)
+    pool = src.train
+    train = pool.subset(sel.indices, labels=sel.noisy, clean=sel.clean)
+    if src.val is not None:
+        val = src.val.subset(fewshot.sample_validation(src.val.labels, cfg.shots, cfg.seed))
+    else:
+        # No validation split: draw it from the training split, disjoint from the training set.
+        picked = fewshot.sample_validation(pool.labels, cfg.shots, cfg.seed, exclude=sel.indices)
+        val = pool.subset(picked)
+    return src, sel, train, val
 
 
 def load_task(cfg: Any = None, workdir: str | None = None, *, process_index: int = 0) -> Task:
@@ -311,17 +420,10 @@ def load_task(cfg: Any = None, workdir: str | None = None, *, process_index: int
     """
     cfg = data_config(cfg)
     spec = _noise_spec(cfg)
-    src = sources.load_source(cfg)
-    sel = _select(src, cfg, spec)
+    _check_setting(cfg, spec)
+    # Every refusal comes before the record is written: a refused call leaves the workdir as it was.
+    src, sel, train, val = _draw(cfg, spec, check_images=False)
     pool = src.train
-    train = pool.subset(sel.indices, labels=sel.noisy, clean=sel.clean)
-
-    if src.val is not None:
-        val = src.val.subset(fewshot.sample_validation(src.val.labels, cfg.shots, cfg.seed))
-    else:
-        # No validation split: draw it from the training split, disjoint from the training set.
-        picked = fewshot.sample_validation(pool.labels, cfg.shots, cfg.seed, exclude=sel.indices)
-        val = pool.subset(picked)
 
     record = noise.make_record(
         src.dataset_id, "train", cfg.shots, spec, cfg.seed, num_classes=len(src.classnames),
@@ -334,6 +436,7 @@ def load_task(cfg: Any = None, workdir: str | None = None, *, process_index: int
         selection=sel, train=train, val=val, test=src.test, train_pool=pool, record=record,
         record_path=path, image_size=cfg.image_size, augment=bool(cfg.augment),
         crop_scale=tuple(float(x) for x in cfg.crop_scale), splits=src.splits, test_as_coop=src.test_as_coop,
+        skipped_images=src.skipped,
     )
 
 
@@ -552,9 +655,8 @@ def view_draws(seed: int, epoch: int, size: int, num_views: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch), _VIEW_STREAM]).integers(0, num_views, size)
 
 
-class UnreadableImageError(ValueError):
-    """An example's image cannot be read or decoded (a corrupt, truncated or missing image file, or
-    undecodable image bytes in a tfds record)."""
+# Defined with the sources, which refuse unreadable files of your own data up front (data.bad_images).
+UnreadableImageError = sources.UnreadableImageError
 
 
 _READ_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.DataLossError)
@@ -566,8 +668,7 @@ def _first_unreadable(pool: sources.Pool, items) -> tuple[int, str] | None:
         try:
             pool.to_image(tf.convert_to_tensor(payload))
         except _READ_ERRORS as e:
-            message = re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", str(e.message).strip().splitlines()[0])
-            return int(example_id), message.strip()
+            return int(example_id), sources.op_error_text(e)
     return None
 
 

@@ -22,6 +22,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import stat
 import tempfile
 from typing import Any, Sequence
 
@@ -40,6 +42,11 @@ _TABLE_BATCH = 8192
 
 class DatasetNotPreparedError(FileNotFoundError):
     """A dataset is not on disk (and downloading was not asked for)."""
+
+
+class UnreadableImageError(ValueError):
+    """An example's image cannot be read or decoded (a corrupt, truncated, empty or missing image file, or
+    undecodable image bytes in a tfds record)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +210,141 @@ class TfdsPool(Pool):
 
 
 # ---------------------------------------------------------------------------------------------
+# Image files that cannot be read (your own data: data.bad_images)
+# ---------------------------------------------------------------------------------------------
+
+BAD_IMAGE_POLICIES = ("fail", "skip")
+_IMAGE_CHECK_VERSION = 1
+_LISTED = 10  # unreadable files named in a message; the rest are counted
+
+
+def op_error_text(error: tf.errors.OpError) -> str:
+    """The first line of a TensorFlow op error, without the graph-function and op names around it."""
+    text = str(error.message).strip().splitlines()[0] if str(error.message).strip() else type(error).__name__
+    return re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", text).strip()
+
+
+def _decode_error(path: str) -> str:
+    """Why ``path`` does not decode, in the pipeline's own words (eager, one file)."""
+    try:
+        decode_image(tf.io.read_file(path))
+    except tf.errors.OpError as e:
+        return f"cannot be decoded (truncated, or not an image): {op_error_text(e)}"
+    return "could not be decoded when checked (read error?), decodes now"
+
+
+def _decode_all(paths: Sequence[str]) -> dict[str, str]:
+    """{path: reason} for the files that ``decode_image`` (the pipeline's decoder) refuses; each file is
+    decoded once, in parallel inside tf.data, and only the failures are decoded again to get the reason."""
+    if not paths:
+        return {}
+    ds = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), tf.constant(list(paths))))
+    # The shape depends on the decoded pixels, so the decode cannot be optimized away.
+    ds = ds.map(lambda i, p: (i, tf.shape(decode_image(tf.io.read_file(p)))[0]),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    ok = np.zeros(len(paths), bool)
+    for i, _ in ds.ignore_errors().as_numpy_iterator():
+        ok[i] = True
+    return {paths[i]: _decode_error(paths[i]) for i in np.flatnonzero(~ok)}
+
+
+def _cached_decode_failures(files: list[tuple[str, int, int]]) -> dict[str, str]:
+    """``_decode_all`` over (path, size, mtime_ns) ``files``, kept in the project cache (``image_checks/``)
+    under a hash of the whole list: a run over unchanged files decodes nothing; any change decodes all."""
+    key = json.dumps([_IMAGE_CHECK_VERSION, files], separators=(",", ":"))
+    path = os.path.join(cache_root(), "image_checks", hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    try:
+        with open(path) as f:
+            return {str(p): str(reason) for p, reason in json.load(f)}
+    except (OSError, ValueError, TypeError):  # absent, partial or foreign: decode again
+        pass
+    failures = _decode_all([p for p, _, _ in files])
+    tmp = None
+    try:  # temporary name + rename: concurrent runs and a crash never leave half a file under the name
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
+        with os.fdopen(fd, "w") as f:
+            json.dump(sorted(failures.items()), f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:  # a read-only or full cache costs time on the next run, never this one
+        log.warning("could not cache the image check at %s: %s", path, e)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+    return failures
+
+
+def find_unreadable(paths: Sequence[str]) -> list[tuple[int, str]]:
+    """(position, reason) of every file of ``paths`` that the input pipeline cannot turn into an image:
+    missing, not a file, empty (0 bytes), or refused by the decoder (truncated, not an image). Grey-scale,
+    CMYK, 16-bit and palette images decode (to 8-bit RGB) and pass. Decoding results are cached by the
+    name, size and mtime of the files (see ``_cached_decode_failures``)."""
+    found: dict[int, str] = {}
+    files = []
+    for i, p in enumerate(paths):
+        try:
+            st = os.stat(p)
+        except OSError:
+            found[i] = "missing (no such file)"
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            found[i] = "not a regular file"
+        elif st.st_size == 0:
+            found[i] = "empty file (0 bytes)"
+        else:
+            files.append((str(p), int(st.st_size), int(st.st_mtime_ns)))
+    failures = _cached_decode_failures(files)
+    # By position, not by name: a CSV may list one file twice.
+    found.update((i, failures[str(p)]) for i, p in enumerate(paths) if str(p) in failures)
+    return sorted(found.items())
+
+
+def _listing(items: Sequence[tuple[str, str]]) -> str:
+    lines = [f"  {p}: {reason}" for p, reason in items[:_LISTED]]
+    if len(items) > _LISTED:
+        lines.append(f"  ... and {len(items) - _LISTED} more")
+    return "\n".join(lines)
+
+
+def screen_images(src: "SourceData", what: str, policy: str, report: bool = True) -> "SourceData":
+    """``src`` (your own data: one FilePool) with its unreadable image files found (``find_unreadable``) and,
+    by ``policy`` (data.bad_images), refused ("fail": UnreadableImageError naming each file) or left out of
+    every split ("skip": logged, and listed in ``src.skipped``). Example ids are unchanged, so the ids of
+    the readable files do not depend on which files are broken. A source none of whose files can be read
+    is refused whatever the policy: its folder or paths are wrong, not its images. ``report``: log the
+    skipped files (the start-up check does not: the load that follows logs them)."""
+    if policy not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"data.bad_images must be one of {BAD_IMAGE_POLICIES}, got {policy!r}")
+    parts = {k: getattr(src, k) for k in ("train", "val", "test") if getattr(src, k) is not None}
+    ids = np.unique(np.concatenate([ex.ids for ex in parts.values()]))
+    paths = [str(p) for p in src.train.pool.paths[ids]]
+    bad = find_unreadable(paths)
+    if not bad:
+        return src
+    items = [(paths[i], reason) for i, reason in bad]
+    if len(bad) == ids.size:
+        raise UnreadableImageError(
+            f"{what}: none of its {ids.size} image files can be read:\n{_listing(items)}\nCheck data.folder "
+            "(relative paths start there) and the paths."
+        )
+    if policy == "fail":
+        raise UnreadableImageError(
+            f"{what}: {len(bad)} of its {ids.size} image files cannot be read:\n{_listing(items)}\nReplace or "
+            "delete these files, or set data.bad_images='skip' to train and evaluate without them (each "
+            "skipped file is then logged, and counted)."
+        )
+    if report:
+        log.warning("%s: leaving out %d of its %d image files, which cannot be read (data.bad_images='skip'):\n%s",
+                    what, len(bad), ids.size, _listing(items))
+    bad_ids = ids[[i for i, _ in bad]]
+    kept = {k: ex.subset(np.flatnonzero(~np.isin(ex.ids, bad_ids))) for k, ex in parts.items()}
+    return dataclasses.replace(src, **kept, skipped=tuple(items))
+
+
+# ---------------------------------------------------------------------------------------------
 # Label tables
 # ---------------------------------------------------------------------------------------------
 
@@ -259,6 +401,8 @@ class SourceData:
     # CoOp's protocol (None: data CoOp never used, e.g. your own folder).
     splits: str = ""
     test_as_coop: bool | None = None
+    # (path, reason) of the image files left out as unreadable (data.bad_images="skip").
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 def coop_carve(labels: np.ndarray, num_classes: int, seed: int) -> tuple[np.ndarray, ...]:
@@ -475,25 +619,31 @@ def _tfds_source(info: ds_lib.DatasetInfo, cfg: Any) -> SourceData:
 def read_split_file(path: str) -> tuple[dict, dict[int, str]]:
     """CoOp's split_zhou json -> ({"train"|"val"|"test": [(path, label)]}, {label: prompt-ready name})."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"split file {path} does not exist")
+        raise FileNotFoundError(f"split file {path} does not exist (data.split_file)")
     with open(path) as f:
-        data = json.load(f)
-    missing = [k for k in ("train", "val", "test") if k not in data]
+        try:
+            data = json.load(f)
+        except ValueError as e:
+            raise ValueError(
+                f"{path}: not a JSON file ({e}); data.split_file must be a CoOp split_zhou_*.json"
+            ) from None
+    missing = [k for k in ("train", "val", "test") if not isinstance(data, dict) or k not in data]
     if missing:
-        raise ValueError(f"{path}: not a CoOp split file, missing {missing}")
+        raise ValueError(f"{path}: not a CoOp split file (data.split_file), missing the parts {missing}; it needs "
+                         '"train", "val" and "test" lists of [path, label, classname]')
     names: dict[int, str] = {}
     out = {}
     for part in ("train", "val", "test"):
         entries = []
         for item in data[part]:
             if len(item) != 3:
-                raise ValueError(f"{path}: {part} entry {item!r} is not [path, label, classname]")
+                raise ValueError(f"{path}: {part} entry {item!r} is not [path, label, classname]; fix that entry")
             p, y, c = item
             y = int(y)
             if y < 0:
-                raise ValueError(f"{path}: negative label {y} in {part}")
+                raise ValueError(f"{path}: negative label {y} in {part} (entry {item!r}); labels are 0..K-1")
             if names.setdefault(y, c) != c:
-                raise ValueError(f"{path}: label {y} named both {names[y]!r} and {c!r}")
+                raise ValueError(f"{path}: label {y} named both {names[y]!r} and {c!r}; one class name per label")
             entries.append((str(p), y))
         out[part] = entries
     return out, {y: c.replace("_", " ") for y, c in names.items()}
@@ -505,8 +655,15 @@ def _split_file_names(info: ds_lib.DatasetInfo | None, path: str) -> tuple[dict,
     if info is None:
         k = max(names) + 1 if names else 0
         if sorted(names) != list(range(k)) or k < 2:
-            raise ValueError(f"{path}: labels must be 0..K-1 (K >= 2) when the dataset is not registered")
-        return entries, tuple(names[i] for i in range(k))
+            gaps = sorted(set(range(k)) - set(names))
+            raise ValueError(
+                f"{path}: labels must be 0..K-1 (K >= 2) when the dataset is not registered, each with its class "
+                f"name; found {len(names)} label(s){f', without {gaps[:10]}' if gaps else ''}: renumber the "
+                "labels 0..K-1"
+            )
+        own = tuple(names[i] for i in range(k))
+        ds_lib.check_distinct_names(own, str(path), "give each label its own class name in the split file")
+        return entries, own
     if sorted(names) != list(range(info.num_classes)):
         # Training the registry's classes on a file of other classes would make up names for the rest.
         raise ValueError(
@@ -519,7 +676,10 @@ def _split_file_names(info: ds_lib.DatasetInfo | None, path: str) -> tuple[dict,
         # CoOp takes its prompts from the split file, so the file's names win.
         log.warning("%s: split file names differ from the registry at %d classes, using the "
                     "file's: %s", info.name, len(diff), diff[:5])
-    return entries, tuple(names.get(i, c) for i, c in enumerate(info.classnames))
+    merged = tuple(names.get(i, c) for i, c in enumerate(info.classnames))
+    if info.label_rule != "sorted":  # ImageNet's CLIP names repeat two on purpose (told apart by index)
+        ds_lib.check_distinct_names(merged, str(path), "give each label its own class name in the split file")
+    return entries, merged
 
 
 def _stem(path: str) -> str:
@@ -527,13 +687,8 @@ def _stem(path: str) -> str:
 
 
 def _tfds_with_split_file(info, cfg, builder, to_class, dataset_id) -> SourceData:
-    """CoOp's split file over a tfds builder: its entries are matched by file name."""
-    if not info.file_key:
-        raise ValueError(
-            f"{info.name}: tfds '{info.tfds_name}' keeps no file names, so a split file cannot be "
-            f"matched to it; set data.folder to CoOp's image folder ($DATA/{info.coop_dir}/"
-            f"{info.coop_image_dir}) to read the files directly"
-        )
+    """CoOp's split file over a tfds builder: its entries are matched by file name (a builder without
+    file names was refused by `_check_fields`)."""
     entries, names = _split_file_names(info, cfg.split_file)
     source_names = builder.info.features["label"].names
     splits = list(builder.info.splits.keys()) or [info.train_split, info.test_split]
@@ -578,10 +733,10 @@ def _tfds_with_split_file(info, cfg, builder, to_class, dataset_id) -> SourceDat
 
 def _require_dir(path: str | None, what: str) -> str:
     if not path:
-        raise ValueError(f"{what}: data.folder is not set")
+        raise ValueError(f"{what}: data.folder is not set; set it to the image folder (docs/DATA.md)")
     path = os.path.expanduser(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{what}: folder {path} does not exist (see docs/DATA.md for the layout)")
+        raise FileNotFoundError(f"{what}: folder {path} does not exist (data.folder; see docs/DATA.md for the layout)")
     return path
 
 
@@ -635,7 +790,13 @@ def _folder_source(cfg) -> SourceData:
     train_dir = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
     classes = _class_dirs(train_dir, skip=("train", "val", "test"))
     if len(classes) < 2:
-        raise ValueError(f"name='folder': {train_dir} needs at least 2 class folders, found {classes}")
+        raise ValueError(
+            f"name='folder': {train_dir} needs at least 2 class folders, found {classes}; put each class's "
+            "images in a folder named after the class (data.folder/<class>/*.jpg, see docs/DATA.md)"
+        )
+    names = tuple(c.replace("_", " ") for c in classes)
+    ds_lib.check_distinct_names(names, f"name='folder': the class folders of {train_dir} ('_' reads as a space)",
+                                "rename or merge those folders")
     index = {c: i for i, c in enumerate(classes)}
     paths, tables = [], {}
     for part, folder in (("train", train_dir), ("val", os.path.join(root, "val")),
@@ -646,7 +807,10 @@ def _folder_source(cfg) -> SourceData:
         start = len(paths)
         for c in classes if part == "train" else _class_dirs(folder):
             if c not in index:
-                raise ValueError(f"{folder}/{c}: class not among the training classes {classes}")
+                raise ValueError(
+                    f"{folder}/{c}: class not among the training classes {classes}; rename the folder to its "
+                    f"training class, or add {train_dir}/{c}/ with training images"
+                )
             files = _list_images(os.path.join(folder, c))
             paths += [os.path.join(folder, c, f) for f in files]
             labels += [index[c]] * len(files)
@@ -659,7 +823,6 @@ def _folder_source(cfg) -> SourceData:
         train = ex["train"]
         ex = {"train": train.subset(tr), "val": train.subset(va), "test": train.subset(te)}
         dataset_id += f"-carve{cfg.get('split_seed', 0)}"
-    names = tuple(c.replace("_", " ") for c in classes)
     return SourceData("folder", dataset_id, names, "a photo of a {}.", False,
                       ex["train"], ex.get("val"), ex["test"])
 
@@ -673,36 +836,62 @@ def _csv_source(cfg) -> SourceData:
     """
     path = os.path.expanduser(cfg.csv)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"name='csv': {path} does not exist")
+        raise FileNotFoundError(f"name='csv': data.csv {path} does not exist")
     base = os.path.expanduser(cfg.get("folder") or os.path.dirname(os.path.abspath(path)))
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"path", "label"} <= set(rows[0]):
-        raise ValueError(f"{path}: needs a header with columns path,label[,clean_label][,split]")
-    has_clean = "clean_label" in rows[0]
-    names = sorted({r["label"] for r in rows} | {r.get("clean_label") or r["label"] for r in rows})
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    if not rows or not {"path", "label"} <= set(columns):
+        raise ValueError(
+            f"{path} (data.csv): needs a header with columns path,label[,clean_label][,split] and at least one "
+            f"row; found columns {columns} and {len(rows)} rows"
+        )
+    has_clean = "clean_label" in columns
+    # Surrounding spaces are never part of a class name ("cat " would otherwise be a class of its own).
+    label = [(r.get("label") or "").strip() for r in rows]
+    clean_label = [(r.get("clean_label") or "").strip() if has_clean else "" for r in rows]
+    split_of = [(r.get("split") or "train").strip().lower() for r in rows]
+    for i, r in enumerate(rows):
+        if split_of[i] not in ("train", "val", "test"):
+            raise ValueError(f"{path} row {i + 2}: split {split_of[i]!r} not in train, val, test; fix the split column")
+        if not r.get("path") or not label[i]:
+            raise ValueError(f"{path} row {i + 2}: empty {'path' if not r.get('path') else 'label'}; every row needs "
+                             "a path and a class name in label")
+    names = sorted(set(label) | {c for c in clean_label if c})
+    # Classes are the names the file uses; one no training row is labelled with cannot be trained: a name
+    # that appears only in evaluation rows or as a clean_label is a typo more often than a class.
+    trained = {c for c, split in zip(label, split_of) if split == "train"}
+    for c in names:
+        if c not in trained:
+            row = next(i for i in range(len(rows)) if c in (label[i], clean_label[i]))
+            column = "label" if label[row] == c else "clean_label"
+            raise ValueError(
+                f"{path} row {row + 2}: {column} {c!r} is not the label of any training row (classes are the "
+                f"{len(trained)} labels of the training rows); fix the name (a typo?) or add training rows of {c!r}"
+            )
+    shown = tuple(n.replace("_", " ") for n in names)
+    ds_lib.check_distinct_names(shown, f"{path} (data.csv; '_' reads as a space)", "use one spelling per class")
     index = {c: i for i, c in enumerate(names)}
     paths, tables = [], {"train": ([], [], []), "val": ([], [], []), "test": ([], [], [])}
     for i, r in enumerate(rows):
-        split = (r.get("split") or "train").strip().lower()
-        if split not in tables:
-            raise ValueError(f"{path} row {i + 2}: split {split!r} not in train, val, test")
+        split = split_of[i]
         p = r["path"] if os.path.isabs(r["path"]) else os.path.join(base, r["path"])
         paths.append(p)
-        given = index[r["label"]]
-        if has_clean and r["clean_label"]:
-            clean = index[r["clean_label"]]
+        given = index[label[i]]
+        if clean_label[i]:
+            clean = index[clean_label[i]]
         else:
             # Evaluation rows are the truth; unknown truth on training rows.
             clean = given if split != "train" else -1
         for col, v in zip(tables[split], (i, given, clean)):
             col.append(v)
     if not tables["test"][0]:
-        raise ValueError(f"{path}: no rows with split=test; the test set must be given")
+        raise ValueError(f"{path}: no rows with split=test; the test set must be given: add test rows (data.csv)")
     pool = FilePool(paths)
     ex = {k: Examples(pool, *v) for k, v in tables.items() if v[0] or k == "train"}
-    return SourceData("csv", f"csv-{_stem(path)}", tuple(n.replace("_", " ") for n in names),
-                      "a photo of a {}.", True, ex["train"], ex.get("val"), ex["test"])
+    return SourceData("csv", f"csv-{_stem(path)}", shown, "a photo of a {}.", True,
+                      ex["train"], ex.get("val"), ex["test"])
 
 
 def _food101n_source(info, cfg) -> SourceData:
@@ -792,20 +981,70 @@ def _describe_splits(src: SourceData, info: ds_lib.DatasetInfo | None, cfg: Any)
     return dataclasses.replace(src, splits=f"tfds '{info.tfds_name}' splits", test_as_coop=info.tfds_test_is_coops)
 
 
+def _check_fields(name: str, info: ds_lib.DatasetInfo | None, cfg: Any) -> None:
+    """Refuses data fields that do not apply to the dataset, from the config alone (nothing is read)."""
+    if name == "csv" and not cfg.get("csv"):
+        raise ValueError("name='csv' needs data.csv (a CSV of path,label[,clean_label][,split])")
+    if name != "csv" and cfg.get("csv"):
+        raise ValueError(f"data.csv is only used with name='csv', got name={name!r}; unset data.csv or set "
+                         "data.name='csv'")
+    column = cfg.get("label_column")
+    if column and (info is None or not info.noisy_columns):
+        with_columns = sorted(n for n, i in ds_lib.DATASETS.items() if i.noisy_columns)
+        raise ValueError(f"data.label_column={column!r} picks the noisy label column of {with_columns}; "
+                         f"{name!r} has none: unset data.label_column")
+    if column and column not in info.noisy_columns:
+        raise ValueError(f"{info.name}: label_column {column!r} is not a noisy label column; valid: "
+                         f"{list(info.noisy_columns)} (data.label_column)")
+    if info is None:
+        return
+    if info.kind == "arrays" and (cfg.get("split_file") or cfg.get("folder")):
+        raise ValueError(f"{name!r} is an in-memory dataset; data.split_file / data.folder do not apply: unset them")
+    if info.kind != "tfds":
+        return
+    if cfg.get("folder") and not cfg.get("split_file") and not cfg.get("download"):
+        raise ValueError(
+            f"data.folder with name={name!r} needs data.split_file (CoOp's split_zhou json); for a "
+            f"folder of your own classes use name='folder'"
+        )
+    if cfg.get("split_file") and not cfg.get("folder") and not info.file_key:
+        raise ValueError(
+            f"{info.name}: tfds '{info.tfds_name}' keeps no file names, so a split file cannot be "
+            f"matched to it; set data.folder to CoOp's image folder ($DATA/{info.coop_dir}/"
+            f"{info.coop_image_dir}) to read the files directly"
+        )
+
+
 def check_available(cfg: Any) -> None:
     """Raises what ``load_source(cfg)`` would raise for missing data (a folder, a file, an unprepared tfds
-    dataset), without reading any label table: the trainer's up-front check."""
+    dataset, an image a CoOp split file names) and for data fields that do not apply, reading no label
+    table (a split file, a small JSON, is read): the trainer's up-front check."""
     name = ds_lib.canonical_name(cfg.name)
     info = None if name in ("folder", "csv") else ds_lib.get_dataset_info(name)
     cfg = _resolve_split_file(info, cfg)
+    _check_fields(name, info, cfg)
     if cfg.get("split_file") and not os.path.isfile(os.path.expanduser(cfg.split_file)):
-        raise FileNotFoundError(f"split file {cfg.split_file} does not exist")
+        raise FileNotFoundError(f"split file {cfg.split_file} does not exist (data.split_file)")
     if name == "csv":
-        if not cfg.get("csv") or not os.path.isfile(os.path.expanduser(cfg.csv)):
+        if not os.path.isfile(os.path.expanduser(cfg.csv)):
             raise FileNotFoundError(f"data.csv {cfg.get('csv')} does not exist")
         return
-    if name == "folder" or (info.kind == "tfds" and cfg.get("split_file") and cfg.get("folder")):
-        _require_dir(cfg.get("folder"), name)
+    if info is not None and info.kind == "tfds" and cfg.get("split_file"):
+        entries, _ = _split_file_names(info, os.path.expanduser(cfg.split_file))  # a file of other classes
+    if info is not None and info.kind == "tfds" and cfg.get("split_file") and cfg.get("folder"):
+        root = _require_dir(cfg.get("folder"), f"{name} with split_file")
+        # One stat per listed image (CoOp's images are decoded when read, not here: they are many).
+        missing = [(os.path.join(root, p), "missing") for part in ("train", "val", "test")
+                   for p, _ in entries[part] if not os.path.isfile(os.path.join(root, p))]
+        if missing:
+            raise FileNotFoundError(
+                f"{cfg.split_file} (data.split_file) names {len(missing)} image file(s) that are not under "
+                f"data.folder={root}:\n{_listing(missing)}\nRestore them (CoOp's DATASETS.md says where "
+                f"{name}'s images come from), or set data.folder to the folder the split file's paths start from."
+            )
+        return
+    if name == "folder":
+        _require_dir(cfg.get("folder"), "name='folder'")
         return
     if info.kind == "arrays" or (info.kind == "tfds" and cfg.get("folder") and not cfg.get("download")):
         return  # in memory; or a folder without a split file, which load_source refuses with the reason
@@ -821,47 +1060,50 @@ def check_available(cfg: Any) -> None:
         prepare.check_can_prepare(info.name, builder, cfg.get("folder"))
 
 
-def load_source(cfg: Any) -> SourceData:
+def load_source(cfg: Any, *, check_images: bool = False) -> SourceData:
     """The dataset named by ``cfg.name`` (registry entry or your own data), labels read; its ``splits``
-    say which splits were used."""
+    say which splits were used.
+
+    The image files of your own data (name "folder" / "csv") are screened by ``screen_images`` when
+    ``check_images`` (the start-up check) or when ``data.bad_images`` is "skip" (which files are left out
+    must be known before the training set is drawn); otherwise an unreadable file stops the run when the
+    pipeline reads it, naming it."""
     name = ds_lib.canonical_name(cfg.name)
     info = None if name in ("folder", "csv") else ds_lib.get_dataset_info(name)
     cfg = _resolve_split_file(info, cfg)
+    _check_fields(name, info, cfg)
     src = _describe_splits(_load_source(name, info, cfg), info, cfg)
     if info is None:  # two different folders (or CSVs) must not share the name "folder" in results tables
         path = os.path.normpath(os.path.expanduser(cfg.folder if name == "folder" else cfg.csv))
         src = dataclasses.replace(src, name=cfg.get("display_name") or _stem(path))
+        policy = cfg.get("bad_images", "fail")
+        if check_images or policy != "fail":
+            what = f"data.csv {cfg.csv}" if name == "csv" else f"data.folder {cfg.folder}"
+            if name == "folder" and cfg.get("split_file"):
+                what = f"data.split_file {cfg.split_file} over data.folder {cfg.folder}"
+            src = screen_images(src, what, policy, report=not check_images)
     return src
 
 
 def _load_source(name: str, info: ds_lib.DatasetInfo | None, cfg: Any) -> SourceData:
+    # Fields that do not apply were refused by `_check_fields`.
     if name == "folder":
         if cfg.get("split_file"):
             return _split_file_folder_source(None, cfg, "folder")
         return _folder_source(cfg)
     if name == "csv":
-        if not cfg.get("csv"):
-            raise ValueError("name='csv' needs data.csv (a CSV of path,label[,clean_label][,split])")
         return _csv_source(cfg)
-    if cfg.get("csv"):
-        raise ValueError(f"data.csv is only used with name='csv', got name={name!r}")
     if info.kind == "arrays":
-        if cfg.get("split_file") or cfg.get("folder"):
-            raise ValueError(f"{name!r} is an in-memory dataset; data.split_file / data.folder do not apply")
         return _array_source(info)
     if info.kind == "food101n":
         return _food101n_source(info, cfg)
     if cfg.get("split_file") and cfg.get("folder"):
         return _split_file_folder_source(info, cfg, name)
-    if cfg.get("folder") and not cfg.get("download"):
-        raise ValueError(
-            f"data.folder with name={name!r} needs data.split_file (CoOp's split_zhou json); for a "
-            f"folder of your own classes use name='folder'"
-        )
     return _tfds_source(info, cfg)
 
 
 __all__ = (
+    "BAD_IMAGE_POLICIES",
     "DatasetNotPreparedError",
     "Examples",
     "SourceData",
@@ -871,7 +1113,10 @@ __all__ = (
     "TfdsPool",
     "coop_carve",
     "decode_image",
+    "find_unreadable",
     "load_source",
     "read_split_file",
+    "screen_images",
     "tfds_builder",
+    "UnreadableImageError",
 )
