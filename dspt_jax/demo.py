@@ -19,6 +19,11 @@ from dspt_jax import aggregate, sweep
 log = logging.getLogger("dspt_jax")
 
 
+class DemoRunsFailed(RuntimeError):
+    """Some of the demo's trainings failed. Each failure was logged with its traceback as it happened, so
+    the command line prints this message alone (a project error: `dspt_jax.cli.is_refusal`)."""
+
+
 def format_table(results: dict[str, dict]) -> str:
     """Markdown table from {loss: results.json dict} (all of one setting)."""
     first = next(iter(results.values()))
@@ -57,7 +62,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
         aggregate=False,
     )
     if report.failed:
-        raise RuntimeError(f"demo runs failed: {report.failed}")
+        names = ", ".join(name for name, _ in report.failed)
+        raise DemoRunsFailed(f"demo runs failed: {names} (errors above; the same command retries them)")
     point_dirs = {
         p.loss: os.path.join(workdir, p.name)
         for p in sweep.make_grid([config.noise.kind], [config.noise.rate], losses, [config.seed])

@@ -2,15 +2,18 @@
 
 Any config field can be overridden: `--config.noise.kind=sym --config.noise.rate=0.5 --config.loss=ce`.
 On multi-host systems (TPU pods, multi-node GPU) pass --distributed to call jax.distributed.initialize().
-Progress goes to stdout; absl/orbax messages below WARNING are hidden unless --verbosity is given.
+Progress goes to stdout; absl/orbax messages and TensorFlow's C++ lines below WARNING are hidden unless
+--verbosity is given (--verbosity=0 shows their INFO lines; XLA's need TF_CPP_MIN_LOG_LEVEL=0 in the
+environment: see dspt_jax/cli.py). A run refused for its input (a bad config value, a missing file) ends
+with its message and exit status 1; --debug_tracebacks adds the Python traceback.
 """
 
 import logging
-import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from dspt_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file.", lock_config=True
@@ -26,22 +29,21 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-node GPU).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-node GPU).")
 flags.mark_flags_as_required(["config", "workdir"])
+cli.define_flags()
+flags.declare_key_flag("debug_tracebacks")  # listed by --help, not only --helpfull
 
 log = logging.getLogger("dspt_jax")
-
-
-def _setup_logging() -> None:
-    if not flags.FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    from dspt_jax.train import log_to_stdout
-
-    log_to_stdout()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    _setup_logging()
+    cli.setup_console()  # before the run imports TensorFlow: it reads its log level once, at import
+    with cli.reporting_refusals("rerun with the same workdir to resume from its last checkpoint."):
+        _run()
+
+
+def _run() -> None:
     import jax
 
     if _DISTRIBUTED.value:
@@ -59,21 +61,12 @@ def main(argv):
         jax.process_count(),
         jax.devices(),
     )
-    try:
-        if _CONFIG.value.get("compare_losses"):  # configs/demo.py: several losses on one setting, one table
-            from dspt_jax import demo
+    if _CONFIG.value.get("compare_losses"):  # configs/demo.py: several losses on one setting, one table
+        from dspt_jax import demo
 
-            demo.run_demo(_CONFIG.value, _WORKDIR.value)
-        else:
-            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except train.InputsNotFoundError as e:  # the message is the whole answer; a traceback would bury it
-        print(f"\n{e}", file=sys.stderr)
-        sys.exit(1)
-    except train.TrainingInterrupted as e:  # Ctrl-C or SIGTERM: the trainer has said where its checkpoint is
-        sys.exit(e.exit_status)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
-        print("Aborted (Ctrl-C); rerun with the same workdir to resume from its last checkpoint.", file=sys.stderr)
-        sys.exit(130)
+        demo.run_demo(_CONFIG.value, _WORKDIR.value)
+    else:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 import traceback
 from typing import Any, Sequence
@@ -397,7 +396,11 @@ def define_flags(flag_values=None, sys_argv: Sequence[str] | None = None) -> Non
     from absl import flags
     from ml_collections import config_flags
 
+    from dspt_jax import cli as cli_lib
+
     fv = flags.FLAGS if flag_values is None else flag_values
+    cli_lib.define_flags(fv)
+    flags.declare_key_flag("debug_tracebacks", flag_values=fv)  # listed by --help, not only --helpfull
     config_flags.DEFINE_config_file(
         "config",
         None,
@@ -418,7 +421,8 @@ def define_flags(flag_values=None, sys_argv: Sequence[str] | None = None) -> Non
         flag_values=fv,
     )
     flags.DEFINE_list(
-        "methods", None, "Methods: coop (trains each of --losses), nlprompt (default: the config's method).",
+        "methods", None,
+        "Methods: coop (trains each of --losses), nlprompt, joapr, elr (default: the config's method).",
         flag_values=fv,
     )
     flags.DEFINE_list("seeds", None, "Integer seeds (default: the config's seed).", flag_values=fv)
@@ -506,41 +510,27 @@ def run_from_flags(fv) -> int:
 
 def cli(fv) -> int:
     """run_from_flags with the command line's exit codes: 0 ok, 1 failed points, 2 invalid grid or flags or a
-    foreign sub-workdir (reported as a message, not a traceback)."""
+    foreign sub-workdir (reported as a message, with its traceback only under --debug_tracebacks)."""
     try:
         return run_from_flags(fv)
     except ValueError as e:
-        log.error("error: %s", e)
+        log.error("error: %s", e, exc_info="debug_tracebacks" in fv and fv["debug_tracebacks"].value)
         return 2
-
-
-def _setup_logging() -> None:
-    from absl import flags
-    from absl import logging as absl_logging
-
-    if not flags.FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    train.log_to_stdout()
 
 
 def main(argv):
     from absl import app, flags
 
+    from dspt_jax import cli as cli_lib
+
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    _setup_logging()
-    if flags.FLAGS["distributed"].value:
-        jax.distributed.initialize()
-    try:
+    cli_lib.setup_console()  # before the points import TensorFlow: it reads its log level once, at import
+    # What cli() leaves uncaught (missing inputs, Ctrl-C, SIGTERM) becomes a message and an exit status.
+    with cli_lib.reporting_refusals("rerun the same command to resume."):
+        if flags.FLAGS["distributed"].value:
+            jax.distributed.initialize()
         return cli(flags.FLAGS)
-    except train.InputsNotFoundError as e:  # the message is the whole answer
-        print(f"\n{e}", file=sys.stderr)
-        sys.exit(1)
-    except train.TrainingInterrupted as e:  # the interrupted point has said where its checkpoint is
-        sys.exit(e.exit_status)
-    except KeyboardInterrupt:
-        print("Aborted (Ctrl-C); rerun the same command to resume.", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ TensorFlow is imported only when the pipeline is used, so ``from dspt_jax.data i
 import importlib
 import os
 
-# TensorFlow's C++ INFO lines (oneDNN notices) are noise for a JAX program; warnings and errors still show.
+# TensorFlow's C++ INFO lines (its CPU-feature and oneDNN notices at import, which absl's C++ logging
+# prefixes with "All log messages before absl::InitializeLog() ...") are noise for a JAX program; warnings
+# and errors still show. TensorFlow reads the level once, at import, and is imported only below this
+# package, so setting it here covers use from Python. The command lines set it earlier, from --verbosity
+# (dspt_jax/cli.py); a value already in the environment wins over this default.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 _LAZY = {
