@@ -39,6 +39,7 @@ import jax
 import ml_collections
 
 from dspt_jax import aggregate as aggregate_lib
+from dspt_jax import cli as cli_lib
 from dspt_jax import methods as methods_lib
 from dspt_jax import train
 from dspt_jax.data import noise as noise_lib
@@ -337,7 +338,9 @@ def run_sweep(
             outcomes = [f"test accuracy {r['final']['accuracy']:.4f}" for r in results]
         except Exception as e:  # noqa: BLE001 -- one bad point (or group) must not end a long sweep
             names = ", ".join(point.describe() for _, point, _ in group)
-            log.error("%s FAILED: %s\n%s", names, e, traceback.format_exc())
+            # Refused input (a missing dataset, a bad value) is its message; a bug keeps its traceback.
+            trace = "" if cli_lib.is_refusal(e) else "\n" + traceback.format_exc()
+            log.error("%s FAILED: %s%s", names, e, trace)
             if jax.process_count() > 1:
                 # The error may be this host's alone (an unreadable image in its rows): going on to the
                 # next point while the other hosts wait in this one's collectives would hang the sweep.
@@ -395,8 +398,6 @@ def define_flags(flag_values=None, sys_argv: Sequence[str] | None = None) -> Non
     ml_collections looks for --config.* overrides (default sys.argv)."""
     from absl import flags
     from ml_collections import config_flags
-
-    from dspt_jax import cli as cli_lib
 
     fv = flags.FLAGS if flag_values is None else flag_values
     cli_lib.define_flags(fv)
@@ -520,8 +521,6 @@ def cli(fv) -> int:
 
 def main(argv):
     from absl import app, flags
-
-    from dspt_jax import cli as cli_lib
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
