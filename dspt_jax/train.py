@@ -11,7 +11,9 @@ respect to the prompt only, so the frozen towers cost no weight gradients.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -410,6 +412,48 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
                 f"{workdir} holds a run with a different setting ({'; '.join(problems)}). Use another "
                 "workdir, or delete this one to start over."
             )
+
+
+class WorkdirNotWritableError(OSError):
+    """The run cannot write into its workdir (disk full, quota, read-only, permissions). Nothing good was
+    overwritten (every file is written to a temporary name first), so the same command resumes once the
+    cause is fixed."""
+
+
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _check_writable(workdir: str) -> None:
+    """Refuses a workdir that cannot be created or written, before anything is computed."""
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK) or not os.path.isdir(existing):
+        raise WorkdirNotWritableError(
+            errno.EACCES, f"workdir {workdir!r} cannot be written ({existing} is not a writable directory): "
+            "choose another --workdir or fix its permissions")
+
+
+def _last_checkpoint(workdir: str) -> str:
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) \
+        if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
+    return f"its last checkpoint, step {steps[-1]}, is intact" if steps else "it has no checkpoint yet"
+
+
+@contextlib.contextmanager
+def _reporting_write_failures(workdirs):
+    """Turns a failed write in a workdir (disk full and the like) into WorkdirNotWritableError, whose message
+    names the file, the cause, the checkpoint a rerun resumes from and what to do."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS or isinstance(e, WorkdirNotWritableError):
+            raise
+        where = "; ".join(f"{w}: {_last_checkpoint(w)}" for w in workdirs)
+        raise WorkdirNotWritableError(
+            e.errno, f"cannot write {e.filename or 'into the workdir'}: {os.strerror(e.errno)}. Nothing written "
+            f"before was overwritten ({where}). Free space or fix the permissions, then rerun the same command "
+            "to resume.") from e
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -1235,22 +1279,24 @@ def train_runs(configs, workdirs, clip: CLIP | None = None) -> list[dict]:
         check_inputs(config, check_model=False)
     for config, workdir in zip(configs, workdirs):
         _check_workdir(config, workdir)
-    lead = setup_run(configs[0], workdirs[0], clip)
-    runs = [lead] + [setup_run(c, w, lead.clip, lead.clip_params) for c, w in zip(configs[1:], workdirs[1:])]
-    _check_runs_match(runs)
-    for config, workdir in zip(configs, workdirs):  # only now: set-up refusals leave the workdir as it was
-        _write_config(config, workdir)
-    evaluators = [Evaluator(lead)]
-    evaluators += [Evaluator(run, shared=evaluators[0]) for run in runs[1:]]
-    zero_shots = [zero_shot_phase(run, e) for run, e in zip(runs, evaluators)]
-    tx, schedule = make_optimizer(lead.config, lead.steps_per_epoch, lead.num_epochs)
-    trained = train_phase(runs, evaluators, [create_train_state(run, tx) for run in runs], tx, schedule)
-    all_results = []
-    for run, evaluator, zero_shot, (state, loop) in zip(runs, evaluators, zero_shots, trained):
-        final, train_diag = evaluate_phase(run, evaluator, state)
-        results = results_record(run, zero_shot, final, train_diag, loop, time.time() - start_time)
-        _write_json(os.path.join(run.workdir, "results.json"), results)
-        all_results.append(results)
+        _check_writable(workdir)
+    with _reporting_write_failures(workdirs):
+        lead = setup_run(configs[0], workdirs[0], clip)
+        runs = [lead] + [setup_run(c, w, lead.clip, lead.clip_params) for c, w in zip(configs[1:], workdirs[1:])]
+        _check_runs_match(runs)
+        for config, workdir in zip(configs, workdirs):  # only now: set-up refusals leave the workdir as it was
+            _write_config(config, workdir)
+        evaluators = [Evaluator(lead)]
+        evaluators += [Evaluator(run, shared=evaluators[0]) for run in runs[1:]]
+        zero_shots = [zero_shot_phase(run, e) for run, e in zip(runs, evaluators)]
+        tx, schedule = make_optimizer(lead.config, lead.steps_per_epoch, lead.num_epochs)
+        trained = train_phase(runs, evaluators, [create_train_state(run, tx) for run in runs], tx, schedule)
+        all_results = []
+        for run, evaluator, zero_shot, (state, loop) in zip(runs, evaluators, zero_shots, trained):
+            final, train_diag = evaluate_phase(run, evaluator, state)
+            results = results_record(run, zero_shot, final, train_diag, loop, time.time() - start_time)
+            _write_json(os.path.join(run.workdir, "results.json"), results)
+            all_results.append(results)
     return all_results
 
 

@@ -513,6 +513,43 @@ def test_no_readable_checkpoint_starts_over(tmp_path):
     assert resumed["steps"] == 4
 
 
+def test_disk_full_is_a_clear_error_and_the_rerun_resumes(tmp_path, monkeypatch):
+    """A write that fails with ENOSPC (here the metrics log at step 6, after the step-4 checkpoint) stops the
+    run with a message naming the file, the cause and the intact checkpoint; the same command then resumes
+    from that checkpoint and finishes."""
+    import errno
+
+    from dspt_jax import metrics
+
+    workdir = str(tmp_path / "run")
+    quiet = {"zero_shot": False, "eval_train": False, "checkpoint_every_steps": 4, "num_epochs": 2,
+             "log_every_steps": 2}
+    write = metrics.MetricWriter.write
+
+    def full_disk(self, step, scalars):
+        if step >= 6:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(workdir, "metrics.jsonl"))
+        return write(self, step, scalars)
+
+    monkeypatch.setattr(metrics.MetricWriter, "write", full_disk)
+    with pytest.raises(train.WorkdirNotWritableError) as err:
+        train.train_and_evaluate(smoke_config(**quiet), workdir)
+    message = str(err.value)
+    assert "metrics.jsonl" in message and "No space left on device" in message, message
+    assert "last checkpoint, step 4, is intact" in message and "rerun the same command" in message, message
+    monkeypatch.setattr(metrics.MetricWriter, "write", write)
+    with _Logged() as logged:
+        resumed = train.train_and_evaluate(smoke_config(**quiet), workdir)
+    assert "at step 4" in logged.text and resumed["steps"] == 8
+
+
+def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(train.WorkdirNotWritableError, match="not a writable directory"):
+        train.train_and_evaluate(smoke_config(), str(blocker / "run"))
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     """Preemption: SIGTERM stops after the current step, saves it, and exits with 128 + SIGTERM, which the
     launch scripts rerun on; the same command then resumes."""
