@@ -3,6 +3,13 @@
 CLIP is frozen and reloaded from its source, so a checkpoint is tens of kilobytes (about 92 KB at ViT-B/16
 shapes). The data position is the step itself: the training iterator is a pure function of (seed, step), so
 resuming at step s replays exactly the batches an uninterrupted run would have seen from s on.
+
+A kill at any moment (SIGKILL, a lost host) never leaves a checkpoint that looks complete and is not: orbax
+writes each step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only once every file is
+written (on a local or NFS path; object stores get a commit file instead), and unfinished ones are not listed
+as steps. The next run's manager deletes those leftovers. A kill in the middle of deleting a step (one
+beyond `max_to_keep`, or one newer than the step a run resumes from) can leave it half deleted and still
+listed: `train._restore` skips any step it cannot read for the previous one.
 """
 
 from __future__ import annotations
@@ -19,7 +26,11 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             os.path.abspath(directory),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, save_interval_steps=max(1, every_steps), create=True
+                max_to_keep=max_to_keep,
+                save_interval_steps=max(1, every_steps),
+                create=True,
+                # Unfinished writes of a killed run: never read (not listed as steps), but they would pile up.
+                cleanup_tmp_directories=True,
             ),
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -66,36 +67,123 @@ def train_set_diagnostics(preds, noisy, clean, flipped) -> dict:
     return out
 
 
+def read_records(path: str) -> tuple[list[dict], int]:
+    """The complete records of a `metrics.jsonl` and how many lines were left out.
+
+    A line counts only when it ends with a newline and parses as a JSON object with a `step`: a process
+    killed in the middle of an append leaves a partial last line, which is never read as a record.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    dropped = 1 if lines[-1].strip() else 0  # the text after the last newline: an append cut short
+    records = []
+    for line in lines[:-1]:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:  # UnicodeDecodeError included: damaged bytes
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            dropped += 1
+    return records, dropped
+
+
+def _write_lines_atomically(path: str, records: list[dict]) -> None:
+    """Replaces `path` with `records`, one JSON line each: a temporary file in the same directory, then a
+    rename, so a kill leaves the old file or the new one, never a truncated one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fields(record: dict) -> frozenset:
+    """What a record measures: its names, without the step and the wall-clock time."""
+    return frozenset(record) - {"step", "time"}
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, or None without tensorboardX.
+
+    tensorboardX imports torch whenever it is installed, only to accept torch tensors; the writer logs floats.
+    That import costs seconds of every run's start-up (and of every restart after a preemption), so torch is
+    kept out of it unless something imported torch already.
+    """
+    keep_out = "torch" not in sys.modules
+    if keep_out:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this entry stands
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    finally:
+        if keep_out and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]  # torch imports normally again
+    return SummaryWriter
+
+
 class MetricWriter:
-    """One JSON line per logged step in `metrics.jsonl`, and TensorBoard scalars (via tensorboardX)."""
+    """One JSON line per logged step in `metrics.jsonl`, and TensorBoard scalars (via tensorboardX).
+
+    The file is append-only while a run goes on. A run resumed from the checkpoint of step `resume_step`
+    (after Ctrl-C, preemption or a SIGKILL at any moment) first trims it to what an uninterrupted run had
+    written when it saved that checkpoint, so that the finished file holds the same records (times aside)
+    as a run that was never stopped:
+      * a partial last line (a kill in the middle of an append) is dropped;
+      * records after `resume_step` are dropped: the resumed run logs those steps again;
+      * records at `resume_step` are kept (the step's training line was written before its checkpoint and
+        is not logged again), and a record that the resumed run makes again at that step (the same fields:
+        an epoch's evaluation or selection, done after the checkpoint) is not written a second time.
+    `records`: the records kept from before the resume, oldest first (empty for a fresh run).
+    """
 
     def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
-        """`resume_step`: a resumed run drops the lines logged after its checkpoint (they are redone)."""
+        """`enabled`: False writes nothing (hosts other than the first); `resume_step`: the step the run
+        resumes from (0 for a fresh start)."""
         self._enabled = enabled
         self._tb = None
+        self.records: list[dict] = []
+        self._resume_step = int(resume_step)
+        self._at_resume: list[frozenset] = []  # fields of the kept records at resume_step, not yet redone
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, "metrics.jsonl")
-        if os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-            with open(path, "w") as f:
-                f.writelines(kept)
+        existed = os.path.exists(path)
+        if existed:
+            records, dropped = read_records(path)
+            self.records = [r for r in records if r["step"] <= self._resume_step]
+            if dropped or len(self.records) != len(records):
+                _write_lines_atomically(path, self.records)
+            self._at_resume = [_fields(r) for r in self.records if r["step"] == self._resume_step]
         self._jsonl = open(path, "a")
-        try:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        except ImportError:  # optional: JSON lines are the record, TensorBoard a convenience
-            pass
+        SummaryWriter = _summary_writer_class()
+        if SummaryWriter is not None:  # optional: JSON lines are the record, TensorBoard a convenience
+            # On resume, TensorBoard hides the older event files' points after the checkpoint's step (the
+            # resumed run logs them again). Events still in tensorboardX's buffer when a run is killed are
+            # lost: metrics.jsonl is the record, TensorBoard a view of it.
+            purge = self._resume_step + 1 if existed else None
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
     def write(self, step: int, scalars: dict) -> None:
+        """Appends one record of `scalars` (None values left out) at `step`, and flushes it."""
         if not self._enabled:
             return
         scalars = {k: float(v) for k, v in scalars.items() if v is not None}
-        self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
-        self._jsonl.flush()
+        record = {"step": int(step), "time": time.time(), **scalars}
+        if record["step"] == self._resume_step and _fields(record) in self._at_resume:
+            # Made before the interruption, after the checkpoint: the file has it already.
+            self._at_resume.remove(_fields(record))
+        else:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, int(step))

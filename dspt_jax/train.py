@@ -1019,7 +1019,26 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
         for r, ckpt in enumerate(checkpointers):
             ckpt.save(step, _run_state(state, r), force=force)
 
-    epoch_evals = [[] for _ in runs]
+    every = lead.steps_per_epoch * config.eval_every_epochs  # steps between evaluations; 0: none
+
+    def evaluate_epoch():
+        for r, (evaluator, writer) in enumerate(zip(evaluators, writers)):
+            acc = evaluator.metrics(evaluator.class_features(_take(state.prompt, r)))["accuracy"]
+            epoch = step // lead.steps_per_epoch
+            epoch_evals[r].append({"step": step, "epoch": epoch, "test_accuracy": acc})
+            writer.write(step, {"test_accuracy": acc})
+            log.info("%sepoch %d: test accuracy %.4f", f"[{runs[r].workdir}] " * (num_runs > 1), epoch, acc)
+
+    # A resumed run: the evaluations made before its checkpoint, as metrics.jsonl kept them (process 0, the
+    # one that writes results.json); the one at the checkpoint's own step came after the save, so it is
+    # made again (the writer does not log it twice).
+    epoch_evals = [
+        [{"step": rec["step"], "epoch": rec["step"] // lead.steps_per_epoch, "test_accuracy": rec["test_accuracy"]}
+         for rec in writer.records if "test_accuracy" in rec and rec["step"] < step]
+        for writer in writers
+    ]
+    if every and 0 < step < total and step % every == 0:
+        evaluate_epoch()
     window, window_start, window_step = [], time.time(), step
     # Host time blocked on the input pipeline: per log window, and over the whole training loop.
     input_wait, total_wait, loop_start = 0.0, 0.0, time.time()
@@ -1053,7 +1072,8 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
                         columns[r], stats = epoch_selection(run, evaluator, method, _take(state.prompt, r), epoch,
                                                             mid_epoch=step % lead.steps_per_epoch != 0)
                         selections[r].append(_selection_record(run, epoch, stats))
-                        writers[r].write(step, {f"selection_{k}": v for k, v in stats.items() if v is not None})
+                        if step % lead.steps_per_epoch == 0:  # resumed mid-epoch: logged at the epoch's start
+                            writers[r].write(step, {f"selection_{k}": v for k, v in stats.items() if v is not None})
                     selected_epoch = epoch
                 t_wait = time.time()
                 items = [_with_columns(next(it), c, p) for it, c, p in zip(inputs, columns, positions)]
@@ -1099,15 +1119,8 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
                 if checkpointers[0].should_save(step):
                     check_finite()  # never checkpoint a state that has seen a non-finite loss
                     save()
-                every = lead.steps_per_epoch * config.eval_every_epochs
                 if every and not last and step % every == 0:
-                    for r, (evaluator, writer) in enumerate(zip(evaluators, writers)):
-                        acc = evaluator.metrics(evaluator.class_features(_take(state.prompt, r)))["accuracy"]
-                        epoch = step // lead.steps_per_epoch
-                        epoch_evals[r].append({"step": step, "epoch": epoch, "test_accuracy": acc})
-                        writer.write(step, {"test_accuracy": acc})
-                        log.info("%sepoch %d: test accuracy %.4f", f"[{runs[r].workdir}] " * (num_runs > 1),
-                                 epoch, acc)
+                    evaluate_epoch()
                 interrupted = stop_requested(log_step)
                 if jax_preemption and not interrupted and multihost_utils.reached_preemption_sync_point(step):
                     # True on every host at this same step: a SIGTERM reached one of them.
@@ -1150,14 +1163,17 @@ def evaluate_phase(run: Run, evaluator: Evaluator, state: TrainState) -> tuple[d
     sees its own noisy training set."""
     task, spec = run.task, run.spec
     if jax.process_index() == 0:  # the learned prompt, reusable without orbax
+        path = os.path.join(run.workdir, "prompt.npz")
+        tmp = path + ".tmp.npz"  # written whole under another name, then renamed: never half a file
         np.savez(
-            os.path.join(run.workdir, "prompt.npz"),
+            tmp,
             ctx=np.asarray(jax.device_get(state.prompt["ctx"])),
             classnames=np.asarray(task.classnames),
             token_ids=spec.token_ids,
             ctx_positions=spec.ctx_positions,
             eot_index=spec.eot_index,
         )
+        os.replace(tmp, path)
     class_features = evaluator.class_features(state.prompt)
     final = evaluator.metrics(class_features)
     log.info(

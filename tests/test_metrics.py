@@ -3,7 +3,11 @@ labels=np.unique(y_true)) (KaiyangZhou/Dassl.pytorch, dassl/evaluation/evaluator
 
 The expected values are fractions worked out by hand from the confusion matrix; per class
 F1 = 2 tp / (#predicted + #true), averaged over the classes that occur in the TRUE labels only.
+
+MetricWriter: metrics.jsonl stays what an uninterrupted run writes across kills and resumes (end of file).
 """
+
+import os
 
 import numpy as np
 import pytest
@@ -98,3 +102,120 @@ def test_random_against_sklearn():
         )
         got = metrics.classification_metrics(labels, preds, k)["macro_f1"]
         assert got == pytest.approx(want, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MetricWriter: metrics.jsonl across interruptions (a kill at any moment, then a resume from a checkpoint).
+
+
+def _jsonl(workdir):
+    """The records of `workdir`/metrics.jsonl without their wall-clock times."""
+    records, dropped = metrics.read_records(os.path.join(workdir, "metrics.jsonl"))
+    assert dropped == 0
+    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+
+def _trainer_events(steps=12, steps_per_epoch=4, checkpoint_every=2):
+    """What the trainer does, in its order: per step a training line, then (every `checkpoint_every` steps)
+    a checkpoint, then at epoch ends an evaluation line, and at epoch starts the next epoch's selection.
+    Each event: (step, fields) for a metrics line, or (step, None) for a checkpoint."""
+    events = [(0, ("selection_size",))]
+    for step in range(1, steps + 1):
+        events.append((step, ("loss", "lr")))
+        if step % checkpoint_every == 0:
+            events.append((step, None))
+        if step % steps_per_epoch == 0 and step < steps:
+            events.append((step, ("test_accuracy",)))
+            events.append((step, ("selection_size",)))
+    return events
+
+
+def _play(writer, events):
+    for step, fields in events:
+        if fields is not None:
+            writer.write(step, {name: step * 10 + i for i, name in enumerate(fields)})
+
+
+def _resume_events(events, cut):
+    """(resume step, what the resumed run does) after a kill once `events[:cut]` had happened: it resumes from
+    the last checkpoint before the cut (or step 0), redoes what came after that checkpoint at its step (the
+    evaluation and selection, which the trainer makes after saving), then goes on."""
+    marks = [i for i, (_, fields) in enumerate(events[:cut]) if fields is None]
+    if not marks:
+        return 0, events
+    step = events[marks[-1]][0]
+    return step, [e for i, e in enumerate(events) if i > marks[-1] and e[0] >= step]
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_a_run_killed_anywhere_and_resumed_logs_what_an_uninterrupted_one_does(tmp_path, partial):
+    events = _trainer_events()
+    straight = str(tmp_path / "straight")
+    writer = metrics.MetricWriter(straight)
+    _play(writer, events)
+    writer.close()
+    want = _jsonl(straight)
+    for cut in range(len(events) + 1):
+        workdir = str(tmp_path / f"cut{cut}")
+        writer = metrics.MetricWriter(workdir)
+        _play(writer, events[:cut])
+        writer.close()
+        if partial:  # killed in the middle of the next append
+            with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+                f.write('{"step": 99, "loss": 1.2')
+        resume_step, rest = _resume_events(events, cut)
+        writer = metrics.MetricWriter(workdir, resume_step=resume_step)
+        _play(writer, rest)
+        writer.close()
+        assert _jsonl(workdir) == want, (cut, resume_step)
+
+
+def test_records_kept_on_resume_are_exposed(tmp_path):
+    writer = metrics.MetricWriter(str(tmp_path))
+    for step in (1, 2, 3):
+        writer.write(step, {"loss": step, "test_accuracy": None})
+    writer.close()
+    resumed = metrics.MetricWriter(str(tmp_path), resume_step=2)
+    assert [(r["step"], r["loss"]) for r in resumed.records] == [(1, 1.0), (2, 2.0)]
+    assert all("test_accuracy" not in r for r in resumed.records)  # None values are left out
+    resumed.close()
+    assert metrics.MetricWriter(str(tmp_path / "fresh")).records == []
+
+
+def test_damaged_lines_are_left_out_not_fatal(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 1.0}\n\xff\xfe\n[1, 2]\n{"loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"st')
+    records, dropped = metrics.read_records(str(path))
+    assert [r["step"] for r in records] == [1, 2] and dropped == 4
+    metrics.MetricWriter(str(tmp_path), resume_step=5).close()
+    assert path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n'
+
+
+def test_a_kill_while_trimming_leaves_the_old_file(tmp_path, monkeypatch):
+    """The trim on resume replaces the file in one rename: cut short before it, the records are all there."""
+    path = tmp_path / "metrics.jsonl"
+    before = '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "loss": 3.0}\n{"st'
+    path.write_text(before)
+
+    def killed(*args):
+        raise KeyboardInterrupt  # stands for the process dying here
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        metrics.MetricWriter(str(tmp_path), resume_step=1)
+    assert path.read_text() == before
+    monkeypatch.undo()
+    metrics.MetricWriter(str(tmp_path), resume_step=1).close()
+    assert path.read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+def test_a_finished_file_is_left_alone(tmp_path):
+    """Resuming at the last step (a run killed after training, during its final evaluation) rewrites nothing."""
+    writer = metrics.MetricWriter(str(tmp_path))
+    for step in (1, 2):
+        writer.write(step, {"loss": step})
+    writer.close()
+    path = tmp_path / "metrics.jsonl"
+    before, mtime = path.read_text(), os.stat(path).st_mtime_ns
+    metrics.MetricWriter(str(tmp_path), resume_step=2).close()
+    assert path.read_text() == before and os.stat(path).st_mtime_ns == mtime
