@@ -8,7 +8,6 @@ non-finite loss, a workdir of another setting, an image size the model does not 
 refused run leaves its workdir as it was.
 """
 
-import importlib.util
 import json
 import logging
 import math
@@ -105,20 +104,11 @@ def check(**fields):
 
 
 def smoke_config(**overrides):
-    """configs/smoke.py (a tiny random CLIP on the toy dataset) with dotted-key overrides."""
-    spec = importlib.util.spec_from_file_location("smoke_for_bad_input", os.path.join(REPO, "configs", "smoke.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.zero_shot = False
-    config.eval_train = False
-    for key, value in overrides.items():
-        node = config
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return config
+    """configs/smoke.py (a tiny random CLIP on the toy dataset) with dotted-key overrides, quiet: no zero-shot
+    or training-set evaluation."""
+    from test_train import smoke_config as smoke
+
+    return smoke(**{"zero_shot": False, "eval_train": False, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspt_jax import losses, methods, train
+from dspt_jax import methods, train
 from dspt_jax.methods import nlprompt
 from test_train import read_jsonl, smoke_config
 

@@ -83,6 +83,20 @@ def _finish(procs, logs, timeout):
     return [open(path).read() for path in logs]
 
 
+def _signal_once_training(procs, logs, i, signum):
+    """Sends `signum` to process `i` once its training is under way (step 4 logged); kills all on failure."""
+    try:
+        deadline = time.time() + 300
+        while " step 4/" not in open(logs[i]).read():
+            assert time.time() < deadline and procs[i].poll() is None, open(logs[i]).read()[-2000:]
+            time.sleep(0.2)
+        procs[i].send_signal(signum)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+
+
 def test_two_processes_match_one(tmp_path):
     two = str(tmp_path / "two")
     procs, logs = _two_processes(two, str(tmp_path))
@@ -121,16 +135,7 @@ def test_ctrl_c_on_one_host_stops_both_at_the_same_step(tmp_path):
         "--config.eval_train=False",
         "--config.checkpoint_every_steps=100000",
     )
-    try:
-        deadline = time.time() + 300
-        while " step 4/" not in open(logs[0]).read():  # wait until training is under way
-            assert time.time() < deadline and procs[0].poll() is None, open(logs[0]).read()[-2000:]
-            time.sleep(0.2)
-        procs[0].send_signal(signal.SIGINT)
-    except BaseException:
-        for p in procs:
-            p.kill()
-        raise
+    _signal_once_training(procs, logs, 0, signal.SIGINT)
     outs = _finish(procs, logs, 240)
     stopped = []
     for p, out in zip(procs, outs):
@@ -151,16 +156,7 @@ def test_sigterm_on_one_host_stops_both_at_the_same_step_and_the_rerun_finishes(
     extra = ("--config.num_epochs=30", "--config.log_every_steps=2", "--config.eval_train=False",
              "--config.checkpoint_every_steps=100000")
     procs, logs = _two_processes(workdir, str(tmp_path), *extra)
-    try:
-        deadline = time.time() + 300
-        while " step 4/" not in open(logs[1]).read():  # wait until training is under way
-            assert time.time() < deadline and procs[1].poll() is None, open(logs[1]).read()[-2000:]
-            time.sleep(0.2)
-        procs[1].send_signal(signal.SIGTERM)
-    except BaseException:
-        for p in procs:
-            p.kill()
-        raise
+    _signal_once_training(procs, logs, 1, signal.SIGTERM)
     outs = _finish(procs, logs, 240)
     stopped = []
     for p, out in zip(procs, outs):
