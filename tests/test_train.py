@@ -166,7 +166,7 @@ def test_smoke_run_outputs(straight_run):
     assert [l["step"] for l in lines] == [2, 4, 6, 8, 10, 12]
     assert on_disk["batch_size"] == 8 and on_disk["epochs_completed"] == 3
     assert on_disk["epochs"] == 3 and on_disk["epochs_rule"] == "config.num_epochs"
-    assert on_disk["splits"] == {"source": "the splits of toy", "test_as_coop": None}
+    assert on_disk["splits"] == {"source": "the splits of toy", "test_as_coop": None, "skipped_images": 0}
     assert on_disk["prompt"]["n_ctx"] == 4 and on_disk["prompt"]["ctx_init_mode"] == "coop"
     assert all({"loss", "lr", "steps_per_sec"} <= set(l) for l in lines)
     assert os.listdir(os.path.join(workdir, "tensorboard"))
