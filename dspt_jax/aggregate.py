@@ -27,8 +27,10 @@ Python: `collect(root)` -> rows, `aggregate(rows)` -> groups, `write_tables(grou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -37,6 +39,9 @@ import sys
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from etils import epath
+
+from dspt_jax import files
 
 log = logging.getLogger("dspt_jax")
 
@@ -129,20 +134,19 @@ def flatten_results(results: dict, path: str = "<results>") -> dict:
 def collect(root: str) -> list[dict]:
     """Every `results.json` under `root` (recursively, in sorted path order) as a flat row (see
     `flatten_results`); each row's "path" is the file's path."""
-    if not os.path.isdir(root):
+    if not files.isdir(root):
         raise FileNotFoundError(f"{root!r} is not a directory")
     rows = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in epath.Path(root).walk():
         dirnames.sort()
         # Checkpoints and noise records hold no results files; skipping them keeps big sweeps fast.
         dirnames[:] = [d for d in dirnames if d not in ("checkpoints", "tensorboard", "noise", "jax_cache")]
         if "results.json" in filenames:
-            path = os.path.join(dirpath, "results.json")
-            with open(path) as f:
-                try:
-                    results = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: not valid JSON ({e})") from None
+            path = files.join(os.fspath(dirpath), "results.json")
+            try:
+                results = files.read_json(path)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
             rows.append(flatten_results(results, path))
     return rows
 
@@ -354,6 +358,14 @@ def format_markdown(groups: Sequence[Group]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _csv_file(path: str):
+    """A csv.writer whose rows are written to `path` (a local path or a bucket URL) whole, at the end."""
+    text = io.StringIO(newline="")
+    yield csv.writer(text)
+    files.write_text(path, text.getvalue())
+
+
 def write_tables(groups: Sequence[Group], out_dir: str) -> dict[str, str]:
     """Writes results_table.md, results_table.csv and results_long.csv into `out_dir`; returns their paths.
 
@@ -361,18 +373,15 @@ def write_tables(groups: Sequence[Group], out_dir: str) -> dict[str, str]:
     (the union over groups; "-" where a group has no run), cells as in the markdown.
     results_long.csv: dataset, noise, shots, model, method, loss, rate, metric, n, mean, std, seeds.
     """
-    os.makedirs(out_dir, exist_ok=True)
     paths = {
-        "md": os.path.join(out_dir, TABLE_MD),
-        "csv": os.path.join(out_dir, TABLE_CSV),
-        "long_csv": os.path.join(out_dir, LONG_CSV),
+        "md": files.join(out_dir, TABLE_MD),
+        "csv": files.join(out_dir, TABLE_CSV),
+        "long_csv": files.join(out_dir, LONG_CSV),
     }
-    with open(paths["md"], "w") as f:
-        f.write(format_markdown(groups))
+    files.write_text(paths["md"], format_markdown(groups))
 
     all_rates = sorted({r for g in groups for r in g.rates})
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.writer(f)
+    with _csv_file(paths["csv"]) as writer:
         writer.writerow(
             ["dataset", "noise", "shots", "model", "metric", "method"] + [rate_label(r) for r in all_rates]
         )
@@ -386,8 +395,7 @@ def write_tables(groups: Sequence[Group], out_dir: str) -> dict[str, str]:
                     ]
                     writer.writerow([g.dataset, g.kind, g.shots, g.model, metric, row[0]] + cells)
 
-    with open(paths["long_csv"], "w", newline="") as f:
-        writer = csv.writer(f)
+    with _csv_file(paths["long_csv"]) as writer:
         writer.writerow(
             [
                 "dataset",
@@ -460,16 +468,14 @@ def _latex_cell(text: str) -> str:
 def write_paper_tables(groups: Sequence[Group], out_dir: str) -> dict[str, str]:
     """Writes results_paper.md, .csv and .tex (test accuracy, `paper_tables`); returns their paths."""
     tables = paper_tables(groups)
-    paths = {k: os.path.join(out_dir, name) for k, name in
+    paths = {k: files.join(out_dir, name) for k, name in
              (("paper_md", PAPER_MD), ("paper_csv", PAPER_CSV), ("paper_tex", PAPER_TEX))}
     lines = ["# Test accuracy (%), NLPrompt's Table 1 layout", ""]
     for title, rows in tables:
         lines += [f"## {title}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" + "---:|" * (len(rows[0]) - 1)]
         lines += ["| " + " | ".join(r) + " |" for r in rows[1:]] + [""]
-    with open(paths["paper_md"], "w") as f:
-        f.write("\n".join(lines))
-    with open(paths["paper_csv"], "w", newline="") as f:
-        writer = csv.writer(f)
+    files.write_text(paths["paper_md"], "\n".join(lines))
+    with _csv_file(paths["paper_csv"]) as writer:
         for title, rows in tables:
             writer.writerow(["section"] + rows[0])
             writer.writerows([title] + r for r in rows[1:])
@@ -480,8 +486,7 @@ def write_paper_tables(groups: Sequence[Group], out_dir: str) -> dict[str, str]:
                 " & ".join(_latex_cell(c) for c in rows[0]) + " \\\\", "\\midrule"]
         tex += [" & ".join(_latex_cell(c) for c in r) + " \\\\" for r in rows[1:]]
         tex += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
-    with open(paths["paper_tex"], "w") as f:
-        f.write("\n".join(tex))
+    files.write_text(paths["paper_tex"], "\n".join(tex))
     return paths
 
 
@@ -529,8 +534,9 @@ def plot_curve(groups: Sequence[Group], path: str) -> str:
         ax.legend(fontsize=8)
     for ax in axes[len(groups) :]:
         ax.set_visible(False)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    files.write_bytes(path, png.getvalue())
     return path
 
 
@@ -544,7 +550,7 @@ def aggregate_dir(root: str, out_dir: str | None = None) -> dict[str, str]:
     out_dir = root if out_dir is None else out_dir
     paths = write_tables(groups, out_dir)
     paths.update(write_paper_tables(groups, out_dir))
-    paths["png"] = plot_curve(groups, os.path.join(out_dir, CURVE_PNG))
+    paths["png"] = plot_curve(groups, files.join(out_dir, CURVE_PNG))
     return paths
 
 

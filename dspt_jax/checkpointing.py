@@ -14,9 +14,9 @@ listed: `train._restore` skips any step it cannot read for the previous one.
 
 from __future__ import annotations
 
-import os
-
 import orbax.checkpoint as ocp
+
+from dspt_jax import files
 
 
 class Checkpointer:
@@ -24,7 +24,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, every_steps: int, max_to_keep: int = 2):
         self._manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
+            files.absolute(directory),  # a local path or a bucket URL (gs://): orbax writes either
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep,
                 save_interval_steps=max(1, every_steps),

@@ -8,13 +8,11 @@ flipped (mislabeled) training examples the tuned prompt has fitted.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import ml_collections
 
-from dspt_jax import aggregate, sweep
+from dspt_jax import aggregate, files, sweep
 
 log = logging.getLogger("dspt_jax")
 
@@ -64,16 +62,9 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]
     if report.failed:
         names = ", ".join(name for name, _ in report.failed)
         raise DemoRunsFailed(f"demo runs failed: {names} (errors above; the same command retries them)")
-    point_dirs = {
-        p.loss: os.path.join(workdir, p.name)
-        for p in sweep.make_grid([config.noise.kind], [config.noise.rate], losses, [config.seed])
-    }
-    results = {}
-    for loss, d in point_dirs.items():
-        with open(os.path.join(d, "results.json")) as f:
-            results[loss] = json.load(f)
+    points = sweep.make_grid([config.noise.kind], [config.noise.rate], losses, [config.seed])
+    results = {p.loss: files.read_json(files.join(workdir, p.name, "results.json")) for p in points}
     table = format_table(results)
-    with open(os.path.join(workdir, "demo_table.md"), "w") as f:
-        f.write(table)
-    log.info("Results (also in %s):\n\n%s", os.path.join(workdir, "demo_table.md"), table)
+    files.write_text(files.join(workdir, "demo_table.md"), table)
+    log.info("Results (also in %s):\n\n%s", files.join(workdir, "demo_table.md"), table)
     return results

@@ -24,14 +24,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import zipfile
 from typing import Iterable
 
 import numpy as np
 
-from dspt_jax import sharding
+from dspt_jax import files, sharding
 
 MODES = "computed | cached | views:N (N >= 1)"
 
@@ -123,32 +122,26 @@ def cache_key(*, model: str, weights: str, compute_dtype: str, dataset: str, ids
 
 
 def cache_path(workdir: str, mode: FeatureMode) -> str:
-    return os.path.join(workdir, "features", f"train_{str(mode).replace(':', '')}.npz")
+    return files.join(workdir, "features", f"train_{str(mode).replace(':', '')}.npz")
 
 
 def load(path: str, key: dict) -> np.ndarray | None:
     """The features saved at `path` if they were made with `key`; None for a missing, other-key, unreadable or
     truncated file (never trusted, always recomputed)."""
-    if not os.path.exists(path):
+    if not files.exists(path):
         return None
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if json.loads(str(f["key"])) == key:
-                return np.asarray(f["features"])
+        saved = files.read_npz(path)
+        if json.loads(str(saved["key"])) == key:
+            return saved["features"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass
     return None
 
 
 def save(path: str, key: dict, features: np.ndarray) -> None:
-    """Writes `features` with `key` atomically (a temporary file, fsync, rename)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    with open(tmp, "wb") as f:
-        np.savez(f, features=features, key=json.dumps(key, sort_keys=True))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Writes `features` with `key` atomically (`files.write_bytes`)."""
+    files.write_npz(path, features=features, key=json.dumps(key, sort_keys=True))
 
 
 def in_order(rows: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:

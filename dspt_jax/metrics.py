@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import json
-import os
+import logging
 import sys
 import time
 
 import numpy as np
+
+from dspt_jax import files
+
+log = logging.getLogger(__name__)
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -73,9 +78,7 @@ def read_records(path: str) -> tuple[list[dict], int]:
     A line counts only when it ends with a newline and parses as a JSON object with a `step`: a process
     killed in the middle of an append leaves a partial last line, which is never read as a record.
     """
-    with open(path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
+    lines = files.read_bytes(path).split(b"\n")
     dropped = 1 if lines[-1].strip() else 0  # the text after the last newline: an append cut short
     records = []
     for line in lines[:-1]:
@@ -94,14 +97,9 @@ def read_records(path: str) -> tuple[list[dict], int]:
 
 
 def _write_lines_atomically(path: str, records: list[dict]) -> None:
-    """Replaces `path` with `records`, one JSON line each: a temporary file in the same directory, then a
-    rename, so a kill leaves the old file or the new one, never a truncated one."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replaces `path` with `records`, one JSON line each, atomically: a kill leaves the old file or the new
+    one, never a truncated one."""
+    files.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _fields(record: dict) -> frozenset:
@@ -129,10 +127,35 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+# The client library tensorboardX needs to write events to a bucket of each scheme.
+_TENSORBOARD_CLIENTS = {"gs": "google.cloud.storage", "s3": "boto3"}
+
+
+def _tensorboard_writer(workdir: str, purge_step: int | None):
+    """tensorboardX's writer into <workdir>/tensorboard; None without tensorboardX or, for a bucket, without
+    the client library tensorboardX writes to it with (JSON lines are the record, TensorBoard a convenience)."""
+    SummaryWriter = _summary_writer_class()
+    if SummaryWriter is None:
+        return None
+    if files.is_remote(workdir):
+        scheme = str(workdir).split("://", 1)[0]
+        client = _TENSORBOARD_CLIENTS.get(scheme)
+        try:
+            if client is None:
+                raise ImportError(f"tensorboardX cannot write to {scheme}:// paths")
+            importlib.import_module(client)
+        except ImportError as e:
+            log.warning("No TensorBoard events in %s (%s%s); metrics.jsonl holds every record.", workdir, e,
+                        f": pip install {client.replace('.', '-')}" if client else "")
+            return None
+    return SummaryWriter(files.join(workdir, "tensorboard"), purge_step=purge_step)
+
+
 class MetricWriter:
     """One JSON line per logged step in `metrics.jsonl`, and TensorBoard scalars (via tensorboardX).
 
-    The file is append-only while a run goes on. A run resumed from the checkpoint of step `resume_step`
+    On a file system the file is append-only while a run goes on; in a bucket (`gs://`), which cannot
+    append, it is rewritten whole (atomically) at each record. A run resumed from the checkpoint of step `resume_step`
     (after Ctrl-C, preemption or a SIGKILL at any moment) first trims it to what an uninterrupted run had
     written when it saved that checkpoint, so that the finished file holds the same records (times aside)
     as a run that was never stopped:
@@ -154,23 +177,22 @@ class MetricWriter:
         self._at_resume: list[frozenset] = []  # fields of the kept records at resume_step, not yet redone
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, "metrics.jsonl")
-        existed = os.path.exists(path)
+        files.makedirs(workdir)
+        self._path = files.join(workdir, "metrics.jsonl")
+        existed = files.exists(self._path)
         if existed:
-            records, dropped = read_records(path)
+            records, dropped = read_records(self._path)
             self.records = [r for r in records if r["step"] <= self._resume_step]
             if dropped or len(self.records) != len(records):
-                _write_lines_atomically(path, self.records)
+                _write_lines_atomically(self._path, self.records)
             self._at_resume = [_fields(r) for r in self.records if r["step"] == self._resume_step]
-        self._jsonl = open(path, "a")
-        SummaryWriter = _summary_writer_class()
-        if SummaryWriter is not None:  # optional: JSON lines are the record, TensorBoard a convenience
-            # On resume, TensorBoard hides the older event files' points after the checkpoint's step (the
-            # resumed run logs them again). Events still in tensorboardX's buffer when a run is killed are
-            # lost: metrics.jsonl is the record, TensorBoard a view of it.
-            purge = self._resume_step + 1 if existed else None
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
+        # A bucket cannot append: there every record rewrites the file whole, from `_written`.
+        self._jsonl = None if files.is_remote(self._path) else open(self._path, "a")
+        self._written = list(self.records)
+        # On resume, TensorBoard hides the older event files' points after the checkpoint's step (the resumed
+        # run logs them again). Events still in tensorboardX's buffer when a run is killed are lost:
+        # metrics.jsonl is the record, TensorBoard a view of it.
+        self._tb = _tensorboard_writer(workdir, purge_step=self._resume_step + 1 if existed else None)
 
     def write(self, step: int, scalars: dict) -> None:
         """Appends one record of `scalars` (None values left out) at `step`, and flushes it."""
@@ -181,6 +203,9 @@ class MetricWriter:
         if record["step"] == self._resume_step and _fields(record) in self._at_resume:
             # Made before the interruption, after the checkpoint: the file has it already.
             self._at_resume.remove(_fields(record))
+        elif self._jsonl is None:
+            self._written.append(record)
+            _write_lines_atomically(self._path, self._written)
         else:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
@@ -190,6 +215,7 @@ class MetricWriter:
 
     def close(self) -> None:
         if self._enabled:
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()

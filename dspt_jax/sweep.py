@@ -40,6 +40,7 @@ import ml_collections
 
 from dspt_jax import aggregate as aggregate_lib
 from dspt_jax import cli as cli_lib
+from dspt_jax import files
 from dspt_jax import methods as methods_lib
 from dspt_jax import train
 from dspt_jax.data import noise as noise_lib
@@ -190,20 +191,18 @@ def point_status(point_dir: str, config: ml_collections.ConfigDict) -> str:
     tabulate the wrong run, and training into it would resume someone else's checkpoint.
     """
     problems = []
-    config_path = os.path.join(point_dir, "config.json")
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            problems += train.config_mismatches(json.load(f), config)
-    results_path = os.path.join(point_dir, "results.json")
-    done = os.path.exists(results_path)
+    config_path = files.join(point_dir, "config.json")
+    if files.exists(config_path):
+        problems += train.config_mismatches(files.read_json(config_path), config)
+    results_path = files.join(point_dir, "results.json")
+    done = files.exists(results_path)
     if done:
-        with open(results_path) as f:
-            try:
-                results = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{results_path} is not valid JSON ({e}); remove it to rerun the point."
-                ) from None
+        try:
+            results = files.read_json(results_path)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{results_path} is not valid JSON ({e}); remove it to rerun the point."
+            ) from None
         problems += _results_mismatches(results, config)
     if problems:
         raise ValueError(
@@ -282,14 +281,13 @@ def run_sweep(
     status, problems = [], []
     for point, config in zip(points, configs):
         try:
-            status.append(point_status(os.path.join(workdir, point.name), config))
+            status.append(point_status(files.join(workdir, point.name), config))
         except ValueError as e:
             problems.append(str(e))
     if problems:  # all of them at once: a user fixing one at a time would otherwise rerun N times
         raise ValueError("\n".join(problems))
     lead = jax.process_index() == 0
 
-    os.makedirs(workdir, exist_ok=True)
     if lead:
         record = {
             "kinds": list(kinds),
@@ -299,8 +297,7 @@ def run_sweep(
             "points": [p.name for p in points],
             "base_config": _json_roundtrip(base_config.to_dict()),
         }
-        with open(os.path.join(workdir, SWEEP_RECORD), "w") as f:
-            json.dump(record, f, indent=2)
+        files.write_json(files.join(workdir, SWEEP_RECORD), record)
 
     report = SweepReport()
     total, todo = len(points), status.count("todo")
@@ -323,7 +320,7 @@ def run_sweep(
         by_method.setdefault(item[1].method, []).append(item)
     groups = [items[g : g + size] for items in by_method.values() for g in range(0, len(items), size)]
     for group in groups:
-        workdirs = [os.path.join(workdir, point.name) for _, point, _ in group]
+        workdirs = [files.join(workdir, point.name) for _, point, _ in group]
         for (i, point, _), sub in zip(group, workdirs):
             log.info("[%d/%d] %s: running in %s%s", i, total, point.describe(), sub,
                      f" (together with {len(group) - 1} more)" if len(group) > 1 else "")
@@ -487,7 +484,7 @@ def run_from_flags(fv) -> int:
     config = fv["config"].value
     if fv["jax_cache_dir"].value != "none":
         cache = enable_compilation_cache(
-            fv["jax_cache_dir"].value or os.path.join(fv["workdir"].value, "jax_cache")
+            fv["jax_cache_dir"].value or files.join(fv["workdir"].value, "jax_cache")
         )
         log.info("JAX compilation cache: %s", cache)
     kinds = fv["kinds"].value or [config.noise.kind]

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from dspt_jax import checkpointing, features, losses, methods, metrics, sharding
+from dspt_jax import checkpointing, features, files, losses, methods, metrics, sharding
 from dspt_jax import config as config_lib
 from dspt_jax import tokenizer as tok_lib
 from dspt_jax import model_source
@@ -334,17 +334,10 @@ def _class_prompts(template: str, classnames) -> list[str]:
 # Workdir files.
 
 
-def _json_default(o):
-    return o.tolist() if hasattr(o, "tolist") else str(o)
-
-
 def _write_json(path: str, obj) -> None:
-    if jax.process_index() != 0:
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
+    """Written by process 0 only, atomically (`files.write_json`)."""
+    if jax.process_index() == 0:
+        files.write_json(path, obj)
 
 
 def _format_eta(seconds: float) -> str:
@@ -382,7 +375,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _as_json(obj):
-    return json.loads(json.dumps(obj, default=_json_default))
+    return json.loads(json.dumps(obj, default=files.json_default))
 
 
 def config_mismatches(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
@@ -397,16 +390,10 @@ def config_mismatches(saved: dict, config: ml_collections.ConfigDict) -> list[st
 
 
 def _check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Refuses a workdir this run cannot use (a URL, or one holding a run of another setting); writes nothing."""
-    if "://" in workdir:
-        raise ValueError(
-            f"workdir {workdir!r} is a URL; use a path on a file system every host sees (NFS, a GCS FUSE "
-            "mount such as gcsfuse): checkpoints, metrics and results are written with local file I/O."
-        )
-    saved_path = os.path.join(workdir, "config.json")
-    if os.path.exists(saved_path):  # resuming: it must be the same experiment
-        with open(saved_path) as f:
-            problems = config_mismatches(json.load(f), config)
+    """Refuses a workdir holding a run of another setting; writes nothing."""
+    saved_path = files.join(workdir, "config.json")
+    if files.exists(saved_path):  # resuming: it must be the same experiment
+        problems = config_mismatches(files.read_json(saved_path), config)
         if problems:
             raise ValueError(
                 f"{workdir} holds a run with a different setting ({'; '.join(problems)}). Use another "
@@ -424,7 +411,10 @@ _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES
 
 
 def _check_writable(workdir: str) -> None:
-    """Refuses a workdir that cannot be created or written, before anything is computed."""
+    """Refuses a local workdir that cannot be created or written, before anything is computed. (A bucket's
+    permissions show at the first write, which fails before anything is overwritten.)"""
+    if files.is_remote(workdir):
+        return
     existing = os.path.abspath(workdir)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -435,8 +425,7 @@ def _check_writable(workdir: str) -> None:
 
 
 def _last_checkpoint(workdir: str) -> str:
-    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) \
-        if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
+    steps = sorted(int(d) for d in files.listdir(files.join(workdir, "checkpoints")) if d.isdigit())
     return f"its last checkpoint, step {steps[-1]}, is intact" if steps else "it has no checkpoint yet"
 
 
@@ -458,8 +447,7 @@ def _reporting_write_failures(workdirs):
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """The workdir's config.json, written once the run is set up: a run refused before leaves no trace."""
-    os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    _write_json(files.join(workdir, "config.json"), config.to_dict())
 
 
 def train_batch_size(config, train_size: int, n_dev: int) -> tuple[int, int]:
@@ -724,10 +712,9 @@ def zero_shot_phase(run: Run, evaluator: Evaluator) -> dict | None:
     """Zero-shot CLIP with the dataset's template on the test split (read back when resuming)."""
     if not run.config.zero_shot:
         return None
-    path = os.path.join(run.workdir, "zero_shot.json")
-    if os.path.exists(path):  # a resumed run: computed before the interruption
-        with open(path) as f:
-            return json.load(f)
+    path = files.join(run.workdir, "zero_shot.json")
+    if files.exists(path):  # a resumed run: computed before the interruption
+        return files.read_json(path)
     t0 = time.time()
     task = run.task
     prompts = tok_lib.tokenize(_class_prompts(task.template, task.classnames))
@@ -804,14 +791,6 @@ def training_input(run: Run, evaluator: Evaluator, start_step: int):
     return pipeline.train_batches(run.task, augment=run.config.data.augment, **common)
 
 
-def _relative_to(path: str | None, workdir: str) -> str | None:
-    """`path` relative to `workdir` when it lies inside it (files a run writes), else unchanged."""
-    if path is None:
-        return None
-    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(workdir))
-    return path if rel.startswith(os.pardir) else rel
-
-
 def training_objective(config, verbose: bool = False) -> str:
     """The loss of plain prompt tuning (`method=coop`), else the method's name."""
     if config.method == "coop":
@@ -825,13 +804,13 @@ def _json_number(x):
 
 
 def _selection_path(run: Run, epoch: int) -> str:
-    return os.path.join(run.workdir, "method", f"epoch_{epoch:04d}.npz")
+    return files.join(run.workdir, "method", f"epoch_{epoch:04d}.npz")
 
 
 def _read_selection(path: str) -> tuple[dict, dict]:
     """(per-example columns, stats) of a saved selection."""
-    with np.load(path) as saved:
-        return {k: saved[k] for k in saved.files if k != "stats"}, json.loads(str(saved["stats"]))
+    saved = files.read_npz(path)
+    return {k: v for k, v in saved.items() if k != "stats"}, json.loads(str(saved["stats"]))
 
 
 def _selection_record(run: Run, epoch: int, stats: dict) -> dict:
@@ -847,7 +826,7 @@ def epoch_selection(run: Run, evaluator: Evaluator, method: methods.Method, prom
     and saved in <workdir>/method/epoch_NNNN.npz; read back from there when the epoch was selected before
     (a run resumed in the middle of the epoch trains on the same selection)."""
     path = _selection_path(run, epoch)
-    if os.path.exists(path):
+    if files.exists(path):
         return _read_selection(path)
     if mid_epoch:
         log.warning("No saved %s selection of epoch %d in %s: recomputed from the resumed prompt.",
@@ -861,7 +840,7 @@ def epoch_selection(run: Run, evaluator: Evaluator, method: methods.Method, prom
 
     def previous(e: int):
         path = _selection_path(run, e)
-        return _read_selection(path) if 0 <= e < epoch and os.path.exists(path) else None
+        return _read_selection(path) if 0 <= e < epoch and files.exists(path) else None
 
     context = methods.SelectContext(epoch=epoch, seed=run.config.seed, previous=previous)
     columns, stats = method.select(np.exp(log_probs), ex.labels, ex.clean, context)
@@ -869,10 +848,7 @@ def epoch_selection(run: Run, evaluator: Evaluator, method: methods.Method, prom
     log.info("%s selection for epoch %d%s: %s", method.name, epoch + 1, f" ({run.workdir})" if run.workdir else "",
              ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, stats=json.dumps(stats), **columns)
-        os.replace(tmp, path)
+        files.write_npz(path, stats=json.dumps(stats), **columns)
     return columns, stats
 
 
@@ -880,7 +856,7 @@ def saved_selections(run: Run, epochs: int) -> list[dict]:
     """The stats of the selections saved for the first `epochs` epochs (those a resumed run has done)."""
     paths = [(epoch, _selection_path(run, epoch)) for epoch in range(epochs)]
     return [_selection_record(run, epoch, _read_selection(path)[1]) for epoch, path in paths
-            if os.path.exists(path)]
+            if files.exists(path)]
 
 
 def _example_positions(ids: np.ndarray) -> np.ndarray:
@@ -985,7 +961,7 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
         donate_argnums=(0,),
     )
     checkpointers = [
-        checkpointing.Checkpointer(os.path.join(r.workdir, "checkpoints"), r.config.checkpoint_every_steps)
+        checkpointing.Checkpointer(files.join(r.workdir, "checkpoints"), r.config.checkpoint_every_steps)
         for r in runs
     ]
     state = jax.device_put(_stack_runs(_restore(runs, checkpointers, states)), lead.repl)
@@ -1163,17 +1139,14 @@ def evaluate_phase(run: Run, evaluator: Evaluator, state: TrainState) -> tuple[d
     sees its own noisy training set."""
     task, spec = run.task, run.spec
     if jax.process_index() == 0:  # the learned prompt, reusable without orbax
-        path = os.path.join(run.workdir, "prompt.npz")
-        tmp = path + ".tmp.npz"  # written whole under another name, then renamed: never half a file
-        np.savez(
-            tmp,
+        files.write_npz(
+            files.join(run.workdir, "prompt.npz"),
             ctx=np.asarray(jax.device_get(state.prompt["ctx"])),
             classnames=np.asarray(task.classnames),
             token_ids=spec.token_ids,
             ctx_positions=spec.ctx_positions,
             eot_index=spec.eot_index,
         )
-        os.replace(tmp, path)
     class_features = evaluator.class_features(state.prompt)
     final = evaluator.metrics(class_features)
     log.info(
@@ -1215,7 +1188,7 @@ def results_record(run: Run, zero_shot, final, train_diag, loop: dict, wall_time
             "rate": config.noise.rate,
             "num_flips": config.noise.num_flips,
             # Relative to the workdir, so that a workdir can be moved or compared with another.
-            "record": _relative_to(getattr(task, "record_path", None), run.workdir),
+            "record": files.relative_to(getattr(task, "record_path", None), run.workdir),
         },
         "seed": config.seed,
         "model": config.model.source,
@@ -1311,7 +1284,7 @@ def train_runs(configs, workdirs, clip: CLIP | None = None) -> list[dict]:
         for run, evaluator, zero_shot, (state, loop) in zip(runs, evaluators, zero_shots, trained):
             final, train_diag = evaluate_phase(run, evaluator, state)
             results = results_record(run, zero_shot, final, train_diag, loop, time.time() - start_time)
-            _write_json(os.path.join(run.workdir, "results.json"), results)
+            _write_json(files.join(run.workdir, "results.json"), results)
             all_results.append(results)
     return all_results
 

@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # Run dspt_jax on every worker of a Cloud TPU VM pod slice (same command on all hosts; JAX finds its peers).
 #
-#   launch/tpu_pod.sh TPU_NAME ZONE configs/caltech.py /mnt/shared/runs/caltech [--config.noise.rate=0.5 ...]
+#   launch/tpu_pod.sh TPU_NAME ZONE configs/caltech.py gs://BUCKET/runs/caltech [--config.noise.rate=0.5 ...]
 #
 # Prerequisites on the workers: this repo checked out at ~/dspt_jax, `pip install -e ".[tpu]"`, CLIP weights
 # and datasets reachable from every host (a shared bucket/NFS, or the same local path on each worker).
-# The workdir must be one directory that every worker sees (NFS, Filestore, or a bucket mounted with gcsfuse at
-# the same path on each worker): checkpoints, metrics and results are written with local file I/O, and
-# gs:// URLs are refused.
+# The workdir must be one place that every worker sees: a gs:// bucket URL (written through etils.epath and
+# orbax, with the workers' credentials), NFS, Filestore, or a bucket mounted with gcsfuse at the same path.
 #
 # Preemption: SIGTERM (a maintenance event) makes the run save a checkpoint on every worker at the same step
 # and exit with status 143; this script then reissues the same command, which resumes from that checkpoint

@@ -345,3 +345,24 @@ def test_paper_layout_puts_every_kind_and_rate_in_one_table(tmp_path):
     tex = open(paths["paper_tex"]).read()
     assert "sym 25\\% & sym 50\\%" in tex and "54.0 $\\pm$ 1.4" in tex and tex.count("\\toprule") == 1
     assert "| CoOp (CE) | 54.0 ± 1.4 |" in open(paths["paper_md"]).read()
+
+
+def test_a_bucket_root_gives_the_same_tables(sweep_dir, tmp_path_factory):
+    """`aggregate_dir("gs://...")` reads and writes through a local fake of the bucket (tests/fake_bucket.py)
+    and writes what it writes for a local directory."""
+    import shutil
+
+    from fake_bucket import fake_gcs
+
+    local = agg.aggregate_dir(str(sweep_dir), str(tmp_path_factory.mktemp("local")))
+    root = tmp_path_factory.mktemp("gcs")
+    shutil.copytree(sweep_dir, root / "bucket" / "sweep")
+    with fake_gcs(root) as calls:
+        remote = agg.aggregate_dir("gs://bucket/sweep")
+    assert calls["open"] >= len(agg.collect(str(sweep_dir))) + len(local)
+    assert set(remote) == set(local)
+    for key, path in remote.items():
+        assert path.startswith("gs://bucket/sweep/")
+        got = (root / path[len("gs://"):]).read_bytes()
+        want = open(local[key], "rb").read()
+        assert got == want, key

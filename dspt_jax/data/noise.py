@@ -30,10 +30,11 @@ import json
 import numbers
 import os
 import re
-import tempfile
 from typing import Any
 
 import numpy as np
+
+from dspt_jax import files
 
 LABEL_KINDS = ("sym", "asym", "sym_incl")  # act on labels after sampling
 PER_CLASS_KINDS = ("symflip", "pairflip")  # act while sampling (pick images)
@@ -488,25 +489,13 @@ _ARRAY_FIELDS = {"clean": np.int64, "noisy": np.int64, "flipped": np.bool_, "tra
 
 
 def save_record(path: str | os.PathLike, record: dict) -> None:
-    """Writes ``record`` as JSON to ``path`` atomically (temp file + rename); makes parent dirs."""
+    """Writes ``record`` as JSON to ``path`` (a local path or a bucket URL) atomically; makes parent dirs."""
     out = {}
     for k, v in record.items():
         if isinstance(v, np.ndarray):
             v = v.tolist()
         out[k] = v
-    path = os.fspath(path)
-    parent = os.path.dirname(path) or "."
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp_record_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(out, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the record is meant to be read by people
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    files.write_json(path, out, indent=None)
 
 
 def load_record(path: str | os.PathLike) -> dict:
@@ -515,8 +504,7 @@ def load_record(path: str | os.PathLike) -> dict:
     Raises ValueError when the stored name does not match the stored setting (a hand-edited or
     foreign file), so a record can never be read as another setting's data.
     """
-    with open(os.fspath(path)) as f:
-        rec = json.load(f)
+    rec = files.read_json(path)
     if rec.get("format_version") != RECORD_FORMAT_VERSION:
         raise ValueError(
             f"{path}: record format {rec.get('format_version')!r}, expected {RECORD_FORMAT_VERSION}"

@@ -28,13 +28,13 @@ import dataclasses
 import itertools
 import logging
 import math
-import os
 from typing import Any, Callable, Iterator, NamedTuple
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from dspt_jax import files
 from dspt_jax.data import config as config_lib
 from dspt_jax.data import datasets, fewshot, noise, sources
 from dspt_jax.data.config import CLIP_MEAN, CLIP_STD
@@ -358,8 +358,8 @@ def _select(src: sources.SourceData, cfg, spec: noise.NoiseSpec, warn: bool = Tr
 
 
 def _write_record(record: dict, workdir: str, process_index: int) -> str:
-    path = os.path.join(workdir, "noise", record["name"] + ".json")
-    if os.path.exists(path):
+    path = files.join(workdir, "noise", record["name"] + ".json")
+    if files.exists(path):
         # A resumed run must train on the very same labels: recompute and compare, never reuse.
         if not noise.records_equal(noise.load_record(path), record):
             raise ValueError(
