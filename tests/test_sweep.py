@@ -395,3 +395,25 @@ def test_vectorized_sweep_resumes_after_ctrl_c_to_the_same_results(tmp_path):
         with open(os.path.join(interrupted, name, "metrics.jsonl")) as f:
             got_losses = [json.loads(line)["loss"] for line in f]
         np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
+
+
+def test_a_vectorized_sweep_into_a_bucket_skips_its_finished_points_on_rerun(tmp_path, monkeypatch):
+    """A sweep whose workdir is a gs:// URL (through tests/fake_bucket.py): every point's files and the
+    tables land in the bucket; a rerun reads them back and skips every point."""
+    from fake_bucket import fake_gcs
+
+    monkeypatch.chdir(tmp_path)  # a URL mistaken for a local path would appear here as ./gs:/...
+    config = smoke_config()
+    config.num_epochs, config.max_steps = 1, 2
+    grid = dict(kinds=["sym"], rates=[0.0, 0.5], losses=["ce", "dspt"], seeds=[1])
+    with fake_gcs(tmp_path / "gcs"):
+        first = sweep.run_sweep(config, "gs://bucket/sweep", **grid, vectorize=True)
+        again = sweep.run_sweep(config, "gs://bucket/sweep", **grid, vectorize=True)
+    assert first.ok and sorted(first.ran) == sorted(POINTS) and not first.skipped, first
+    assert again.ok and not again.ran and sorted(again.skipped) == sorted(POINTS), again
+    assert sorted(os.listdir(tmp_path)) == ["gcs"]
+    bucket = tmp_path / "gcs" / "bucket" / "sweep"
+    for name in POINTS:
+        assert json.load(open(bucket / name / "results.json"))["steps"] == 2
+    assert {"sweep.json", "results_table.md", "robustness_curve.png"} <= set(os.listdir(bucket))
+    assert first.aggregate_paths["md"] == "gs://bucket/sweep/results_table.md"
