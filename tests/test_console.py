@@ -13,6 +13,7 @@ import sys
 
 import pytest
 from absl import flags
+from conftest import without_compilation_cache
 
 from dspt_jax import cli
 
@@ -27,7 +28,7 @@ PROGRESS_LINE = re.compile(r"^\d\d:\d\d:\d\d ")  # the dspt_jax logger's format
 
 def start(module, *args) -> subprocess.Popen:
     """`python -m module *args` as a user's shell would start it (no TF_CPP_MIN_LOG_LEVEL set)."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env = {k: v for k, v in without_compilation_cache(os.environ).items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],

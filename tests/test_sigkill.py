@@ -25,6 +25,7 @@ import threading
 import time
 
 import numpy as np
+from conftest import without_compilation_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = int(os.environ.get("DSPT_SIGKILL_SEED", "20240612"))
@@ -243,7 +244,8 @@ def _killed_series(driver: str, workdir: str, env: dict, rng, runs: list) -> lis
 def test_sigkill_at_random_moments_then_restart_gives_the_clean_results(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.replace("__REPO__", repr(REPO)).replace("__OVERRIDES__", repr(OVERRIDES)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    env = dict(without_compilation_cache(os.environ), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)  # one CPU device, whatever the caller set
     clean_dir, killed_dir = str(tmp_path / "clean"), str(tmp_path / "killed")
     # The restarts share a JAX compilation cache: each one compiles less, so the test is shorter. The clean

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 from absl import flags
+from conftest import without_compilation_cache
 
 from dspt_jax import sweep, train
 
@@ -167,6 +168,7 @@ def run_cli(workdir, *extra):
         capture_output=True,
         text=True,
         timeout=300,
+        env=without_compilation_cache(os.environ),  # the sweep's own cache, <workdir>/jax_cache, is checked
     )
     return out.returncode, out.stdout + out.stderr
 
