@@ -22,7 +22,7 @@ def test_a_failed_local_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pat
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError) as e:
         files.write_json(path, {"a": 2})
-    assert e.value.errno == errno.ENOSPC
+    assert e.value.errno == errno.ENOSPC and e.value.filename == path
     assert files.read_json(path) == {"a": 1}
     assert os.listdir(tmp_path) == ["results.json"]
 
