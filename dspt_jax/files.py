@@ -69,19 +69,8 @@ def makedirs(path: str | os.PathLike) -> None:
     epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
-def remove(path: str | os.PathLike) -> None:
-    """Deletes the file `path` if it exists."""
-    p = epath.Path(path)
-    if p.exists():
-        p.unlink()
-
-
 def read_bytes(path: str | os.PathLike) -> bytes:
     return epath.Path(path).read_bytes()
-
-
-def read_text(path: str | os.PathLike) -> str:
-    return read_bytes(path).decode("utf-8")
 
 
 def read_json(path: str | os.PathLike):

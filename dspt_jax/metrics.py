@@ -140,13 +140,15 @@ def _tensorboard_writer(workdir: str, purge_step: int | None):
     if files.is_remote(workdir):
         scheme = str(workdir).split("://", 1)[0]
         client = _TENSORBOARD_CLIENTS.get(scheme)
-        try:
-            if client is None:
-                raise ImportError(f"tensorboardX cannot write to {scheme}:// paths")
-            importlib.import_module(client)
-        except ImportError as e:
-            log.warning("No TensorBoard events in %s (%s%s); metrics.jsonl holds every record.", workdir, e,
-                        f": pip install {client.replace('.', '-')}" if client else "")
+        missing = f"tensorboardX cannot write to {scheme}:// paths"
+        if client is not None:
+            try:
+                importlib.import_module(client)
+                missing = None
+            except ImportError:
+                missing = f"writing there needs {client}: pip install {client.replace('.', '-')}"
+        if missing:
+            log.warning("No TensorBoard events in %s (%s); metrics.jsonl holds every record.", workdir, missing)
             return None
     return SummaryWriter(files.join(workdir, "tensorboard"), purge_step=purge_step)
 
@@ -155,8 +157,8 @@ class MetricWriter:
     """One JSON line per logged step in `metrics.jsonl`, and TensorBoard scalars (via tensorboardX).
 
     On a file system the file is append-only while a run goes on; in a bucket (`gs://`), which cannot
-    append, it is rewritten whole (atomically) at each record. A run resumed from the checkpoint of step `resume_step`
-    (after Ctrl-C, preemption or a SIGKILL at any moment) first trims it to what an uninterrupted run had
+    append, it is rewritten whole (atomically) at each record. A run resumed from the checkpoint of step
+    `resume_step` (after Ctrl-C, preemption or a SIGKILL at any moment) first trims it to what an uninterrupted run had
     written when it saved that checkpoint, so that the finished file holds the same records (times aside)
     as a run that was never stopped:
       * a partial last line (a kill in the middle of an append) is dropped;

@@ -44,7 +44,7 @@ def test_a_bucket_write_is_one_upload_and_never_an_append(tmp_path):
     with fake_gcs(tmp_path) as calls:
         files.write_text("gs://bucket/w/metrics.jsonl", "1\n")
         files.write_text("gs://bucket/w/metrics.jsonl", "1\n2\n")  # rewritten whole: buckets cannot append
-        assert files.read_text("gs://bucket/w/metrics.jsonl") == "1\n2\n"
+        assert files.read_bytes("gs://bucket/w/metrics.jsonl") == b"1\n2\n"
         assert files.exists("gs://bucket/w/metrics.jsonl") and files.isdir("gs://bucket/w")
         assert files.listdir("gs://bucket/w") == ["metrics.jsonl"]
         with pytest.raises(OSError, match="cannot append"):  # the fake is an object store
