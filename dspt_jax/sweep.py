@@ -39,6 +39,7 @@ import jax
 import ml_collections
 
 from dspt_jax import aggregate as aggregate_lib
+from dspt_jax import capacity
 from dspt_jax import cli as cli_lib
 from dspt_jax import files
 from dspt_jax import methods as methods_lib
@@ -250,6 +251,19 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _runs_per_program(config: ml_collections.ConfigDict, clips: _ClipCache, num_points: int) -> int:
+    """--max_runs_per_program when not given: as many points as fit in the devices' free memory
+    (`capacity.fit_runs`), or all of them when XLA cannot say."""
+    try:
+        fit = capacity.fit_runs(config, clips.get(config))
+    except NotImplementedError as e:
+        log.warning("--max_runs_per_program not given and not estimated (%s): all %d points in one program",
+                    e, num_points)
+        return num_points
+    log.info("--max_runs_per_program not given: %s", fit.describe())
+    return min(fit.runs, num_points)
+
+
 def run_sweep(
     base_config: ml_collections.ConfigDict,
     workdir: str,
@@ -265,8 +279,8 @@ def run_sweep(
     """Runs every missing grid point, then aggregates `workdir` (see the module docstring).
 
     One point after another, or with `vectorize` the missing points together (`train.train_runs`: one
-    jitted step for up to `max_runs_per_program` points, default all of them), each still in its own
-    sub-workdir with the files a sequential run writes.
+    jitted step for up to `max_runs_per_program` points, default as many as fit in the devices' free
+    memory, `capacity.fit_runs`), each still in its own sub-workdir with the files a sequential run writes.
 
     Raises ValueError, before any training, for an invalid grid or a sub-workdir of a different setting.
     A point (or a group of points trained together) that raises an Exception is recorded in the report's
@@ -313,7 +327,11 @@ def run_sweep(
             log.info("[%d/%d] %s: finished before, skipped", i, total, point.describe())
         else:
             todo_items.append((i, point, config))
-    size = (max_runs_per_program or len(todo_items) or 1) if vectorize else 1
+    size = 1
+    if vectorize and max_runs_per_program:
+        size = max_runs_per_program
+    elif vectorize and len(todo_items) > 1:
+        size = _runs_per_program(todo_items[0][2], clips, len(todo_items))
     # Runs trained together must share their method: the groups never mix two.
     by_method = {}
     for item in todo_items:
@@ -445,7 +463,8 @@ def define_flags(flag_values=None, sys_argv: Sequence[str] | None = None) -> Non
     flags.DEFINE_integer(
         "max_runs_per_program",
         None,
-        "With --vectorize: at most this many points per jitted program (default: all missing points).",
+        "With --vectorize: at most this many points per jitted program (default: as many as fit in the "
+        "devices' free memory, from XLA's memory analysis of the step; see dspt_jax/capacity.py).",
         flag_values=fv,
     )
     flags.DEFINE_bool(

@@ -206,6 +206,10 @@ def logits_from_features(clip_params, image_features, class_features):
     return scale * l2_normalize(image_features) @ l2_normalize(class_features).T
 
 
+# The batch entries that hold images: pixels (`computed`) or precomputed features (`cached`, `views:N`).
+IMAGE_KEYS = ("image", "image_features")
+
+
 def batch_image_features(module: CLIPModule, clip_params, batch) -> jax.Array:
     """The batch's image features: precomputed ones (`image_features`, an image-feature cache) or the
     image tower on `image`. Either way a constant of the prompt's gradient."""
@@ -223,17 +227,19 @@ def make_runs_step(
     shared_prefix: bool = True,
     class_sharding=None,
 ):
-    """One step of R independent runs at once: (state, clip_params, frozen_embeds, loss_ids, batch) ->
-    (state, metrics).
+    """One step of R independent runs at once: (state, clip_params, frozen_embeds, loss_ids, batch, stream_ids)
+    -> (state, metrics).
 
     Every field of `state` but `step` and every entry of `batch` carry a leading run axis R (its own prompt,
     optimizer state, examples, labels and mask); `loss_ids` int [R] picks each run's objective from
     `objectives` (no recompiling per loss). An objective is a method's (`methods.Objective`: `methods.plain`
     of a loss for plain prompt tuning); its `batch` is the run's batch with any per-example columns of its
-    method. The runs
-    share the frozen CLIP, the prompt layout and the learning-rate schedule, and nothing else: each run's
-    update is exactly its own step alone (`make_train_step` is the R = 1 case). The text tower sees the R x K
-    prompts as one batch. Metrics are [R].
+    method. The images (`image`, or precomputed `image_features`) may instead carry a leading stream axis S
+    with `stream_ids` int [R] naming each run's stream: runs that read the same images (a sweep's noise rates
+    and losses of one seed) share one image-tower pass. `stream_ids` None: the images are per run (S = R).
+    The runs share the frozen CLIP, the prompt layout and the learning-rate schedule, and nothing else: each
+    run's update is exactly its own step alone (`make_train_step` is the R = 1 case). The text tower sees the
+    R x K prompts as one batch. Metrics are [R].
     `shared_prefix` and `class_sharding`: how the text tower encodes the class prompts
     (`prompt.class_features`); neither changes the result beyond float rounding.
     """
@@ -245,9 +251,7 @@ def make_runs_step(
             return branches[0](image_features, labels, batch)
         return jax.lax.switch(loss_id, branches, image_features, labels, batch)
 
-    def one_run(prompt, opt_state, first_bad_step, loss_id, batch, step, clip_params, frozen_embeds):
-        image_features = batch_image_features(module, clip_params, batch)
-
+    def one_run(prompt, opt_state, first_bad_step, loss_id, image_features, batch, step, clip_params, frozen_embeds):
         def loss_of(prompt):
             class_features = prompt_lib.class_features(
                 module,
@@ -278,11 +282,16 @@ def make_runs_step(
         new = (optax.apply_updates(prompt, updates["prompt"]), opt_state, jnp.where(bad, step, first_bad_step))
         return new, step_metrics
 
-    def runs_step(state: TrainState, clip_params, frozen_embeds, loss_ids, batch):
+    def runs_step(state: TrainState, clip_params, frozen_embeds, loss_ids, batch, stream_ids=None):
+        images = {k: v for k, v in batch.items() if k in IMAGE_KEYS}
+        batch = {k: v for k, v in batch.items() if k not in IMAGE_KEYS}
+        image_features = jax.vmap(lambda x: batch_image_features(module, clip_params, x))(images)  # [S, B, D]
+        if stream_ids is not None:
+            image_features = image_features[stream_ids]  # [R, B, D]
         (prompt, opt_state, first_bad_step), step_metrics = jax.vmap(
-            one_run, in_axes=(0, 0, 0, 0, 0, None, None, None)
-        )(state.prompt, state.opt_state, state.first_bad_step, loss_ids, batch, state.step, clip_params,
-          frozen_embeds)
+            one_run, in_axes=(0, 0, 0, 0, 0, 0, None, None, None)
+        )(state.prompt, state.opt_state, state.first_bad_step, loss_ids, image_features, batch, state.step,
+          clip_params, frozen_embeds)
         new_state = state.replace(
             step=state.step + 1, prompt=prompt, opt_state=opt_state, first_bad_step=first_bad_step
         )
@@ -867,11 +876,12 @@ def _example_positions(ids: np.ndarray) -> np.ndarray:
     return lookup
 
 
-def _with_columns(batch: dict, columns: dict, positions: np.ndarray) -> dict:
-    """The host batch plus its rows' entries of each per-example column (`positions`: example id ->
-    position in `task.train`)."""
-    rows = positions[batch["id"]] if columns else None
-    return {**batch, **{name: column[rows] for name, column in columns.items()}}
+def _run_rows(item: dict, labels: np.ndarray, columns: dict, positions: np.ndarray) -> dict:
+    """A run's part of a step's host batch, without the images: its own labels and per-example columns of
+    the rows of `item` (a batch of its input stream), found by example id (`positions`: id -> position in the
+    run's `task.train`, whose `labels` these are), and the stream's padding mask."""
+    rows = positions[item["id"]]
+    return {"label": labels[rows], "mask": item["mask"], **{name: column[rows] for name, column in columns.items()}}
 
 
 def _take(tree, r: int):
@@ -929,6 +939,26 @@ def _restore(runs: list[Run], checkpointers, states: list[TrainState]) -> list[T
     return states
 
 
+def jit_runs_step(run: Run, objectives, tx):
+    """`make_runs_step` for runs set up like `run`, jitted over its mesh: the batch's examples split over the
+    devices, everything else replicated; the state is donated."""
+    mesh, config = run.mesh, run.config
+    split_classes = config.model.shard_classes and mesh.devices.size > 1
+    return jax.jit(
+        make_runs_step(
+            run.module,
+            run.spec,
+            objectives,
+            tx,
+            shared_prefix=config.model.shared_prefix,
+            class_sharding=sharding.batch_sharding(mesh) if split_classes else None,
+        ),
+        in_shardings=(run.repl, run.repl, run.repl, run.repl, sharding.run_batch_sharding(mesh), run.repl),
+        out_shardings=(run.repl, run.repl),
+        donate_argnums=(0,),
+    )
+
+
 def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[TrainState], tx, schedule):
     """The training loop of R runs trained together by one jitted step (`make_runs_step`; R = 1 for a single
     run), from their checkpoint (or `states`) to `total_steps`: per run its log lines, metrics.jsonl,
@@ -937,29 +967,18 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
     Returns each run's final single-run state and loop facts."""
     lead = runs[0]
     config, mesh = lead.config, lead.mesh
-    n_dev, num_runs = mesh.devices.size, len(runs)
+    num_runs = len(runs)
     run_methods = [methods.get_method(r.config) for r in runs]
     keys = sorted({m.key for m in run_methods}, key=repr)
     objectives = [next(m.objective for m in run_methods if m.key == k) for k in keys]
     loss_ids = jnp.asarray([keys.index(m.key) for m in run_methods], jnp.int32)
     selecting = run_methods[0].select is not None  # runs trained together share their method (check_group)
-    positions = [_example_positions(run.task.train.ids) for run in runs]  # to look up per-example columns
+    positions = [_example_positions(run.task.train.ids) for run in runs]  # example id -> row of its task
+    labels = [run.task.train.labels.astype(np.int32) for run in runs]
     columns = [{} for _ in runs]  # the current epoch's per-example columns of each run's method
     selections = [[] for _ in runs]  # per epoch: the selection's stats
     examples = sharding.run_batch_sharding(mesh)
-    train_step = jax.jit(
-        make_runs_step(
-            lead.module,
-            lead.spec,
-            objectives,
-            tx,
-            shared_prefix=config.model.shared_prefix,
-            class_sharding=sharding.batch_sharding(mesh) if config.model.shard_classes and n_dev > 1 else None,
-        ),
-        in_shardings=(lead.repl, lead.repl, lead.repl, lead.repl, examples),
-        out_shardings=(lead.repl, lead.repl),
-        donate_argnums=(0,),
-    )
+    train_step = jit_runs_step(lead, objectives, tx)
     checkpointers = [
         checkpointing.Checkpointer(files.join(r.workdir, "checkpoints"), r.config.checkpoint_every_steps)
         for r in runs
@@ -967,10 +986,18 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
     state = jax.device_put(_stack_runs(_restore(runs, checkpointers, states)), lead.repl)
     step, total = int(state.step), lead.total_steps
     pcount = jax.process_count()
-    inputs = [training_input(r, e, step) for r, e in zip(runs, evaluators)]
+    # Runs of one seed and training set (a sweep's noise rates and losses: the noise flips labels, not the
+    # draw) read the same images in the same order with the same augmentation: one input pipeline and one
+    # image-tower pass per such stream; each run looks its own labels up by example id.
+    stream_keys = [(r.config.seed, r.task.train.ids.tobytes()) for r in runs]
+    streams = list(dict.fromkeys(stream_keys))
+    stream_of = [streams.index(k) for k in stream_keys]
+    stream_ids = jax.device_put(jnp.asarray(stream_of, jnp.int32), lead.repl)
+    inputs = [training_input(runs[r], evaluators[r], step) for r in (stream_keys.index(k) for k in streams)]
+    image_key = "image_features" if lead.feature_mode.cached else "image"
     writers = [metrics.MetricWriter(r.workdir, enabled=jax.process_index() == 0, resume_step=step) for r in runs]
     log.info(
-        "Training %d steps (%d per epoch, %d epochs by %s, batch %d), %s, image features %s, from step %d",
+        "Training %d steps (%d per epoch, %d epochs by %s, batch %d), %s, image features %s%s, from step %d",
         total,
         lead.steps_per_epoch,
         lead.num_epochs,
@@ -978,6 +1005,7 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
         lead.examples_per_step,
         training_objective(config, verbose=True) if num_runs == 1 else f"{num_runs} runs together",
         lead.feature_mode,
+        f" ({len(streams)} input streams)" if num_runs > 1 else "",
         step,
     )
 
@@ -1052,13 +1080,16 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
                             writers[r].write(step, {f"selection_{k}": v for k, v in stats.items() if v is not None})
                     selected_epoch = epoch
                 t_wait = time.time()
-                items = [_with_columns(next(it), c, p) for it, c, p in zip(inputs, columns, positions)]
-                local = _stack(items, np)  # [R, rows of this host, ...], on the host
+                items = [next(it) for it in inputs]
+                local = _stack([_run_rows(items[s], labels[r], columns[r], positions[r])
+                                for r, s in enumerate(stream_of)], np)  # [R, rows of this host, ...], on the host
+                local[image_key] = np.stack([item[image_key] for item in items])  # [S, rows, ...]
                 batch = sharding.to_global(local, mesh, examples)  # the next batch, on the devices
                 t_wait = time.time() - t_wait
                 input_wait += t_wait
                 total_wait += t_wait
-                state, step_metrics = train_step(state, lead.clip_params, lead.frozen_embeds, loss_ids, batch)
+                state, step_metrics = train_step(state, lead.clip_params, lead.frozen_embeds, loss_ids, batch,
+                                                 stream_ids)
                 step += 1
                 window.append(step_metrics)
                 last = step == total
@@ -1129,6 +1160,7 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
         # the next batches onto the devices: near 1, training is input-bound; near 0, the step is the bottleneck.
         "input_wait_fraction": total_wait / max(loop_s, 1e-9),
         "runs_together": num_runs,
+        "input_streams": len(streams),
     }
     return [(_run_state(state, r), {**loop, "epoch_evals": epoch_evals[r], "selections": selections[r]})
             for r in range(num_runs)]
@@ -1210,8 +1242,10 @@ def results_record(run: Run, zero_shot, final, train_diag, loop: dict, wall_time
         "wall_time_s": wall_time_s,
         "train_loop_s": loop["train_loop_s"],
         "input_wait_fraction": loop["input_wait_fraction"],
-        # How many runs one jitted step trained together (sweep --vectorize); 1: this run alone.
+        # How many runs one jitted step trained together (sweep --vectorize); 1: this run alone. Of those,
+        # runs of one seed shared an input stream (the same images, each with its own labels).
         "runs_together": loop["runs_together"],
+        "input_streams": loop["input_streams"],
     }
 
 

@@ -68,16 +68,22 @@ def _alone(clip, spec, tx, states, batches, loss_names, steps):
     return np.stack(ctx), np.asarray(step_losses).T
 
 
-def _together(clip, spec, tx, states, batches, loss_names, steps):
+def _together(clip, spec, tx, states, batches, loss_names, steps, stream_ids=None):
+    """The runs stepped together; `stream_ids`: run r reads the images of `batches[stream_ids[r]]` (each
+    distinct one passed once, as the trainer passes one input stream's images)."""
     frozen = clip.token_embeddings(spec.token_ids)
     runs = train._stack_runs(states)  # one step counter for all
     loss_ids = jnp.asarray([LOSSES.index(n) for n in loss_names], jnp.int32)
     step = jax.jit(train.make_runs_step(clip.module, spec, [methods.plain(losses.get_loss_fn(n)) for n in LOSSES],
                                         tx))
     batch = train._stack(batches)
+    if stream_ids is not None:
+        streams = sorted(set(stream_ids))
+        batch["image"] = batch["image"][jnp.asarray(streams)]
+        stream_ids = jnp.asarray([streams.index(s) for s in stream_ids], jnp.int32)
     step_losses = []
     for _ in range(steps):
-        runs, m = step(runs, clip.params, frozen, loss_ids, batch)
+        runs, m = step(runs, clip.params, frozen, loss_ids, batch, stream_ids)
         assert m["loss"].shape == (len(states),)
         step_losses.append(np.asarray(m["loss"]))
     assert int(runs.step) == steps and runs.first_bad_step.tolist() == [-1] * len(states)
@@ -102,6 +108,20 @@ def test_runs_together_equal_runs_alone_with_feature_bank_and_the_same_loss_twic
     ctx_together, loss_together = _together(clip, spec, tx, states, batches, names, steps=2)
     np.testing.assert_allclose(loss_together, loss_alone, rtol=1e-5)
     _assert_close_ctx(ctx_together, ctx_alone)
+
+
+def test_runs_sharing_an_input_stream_equal_runs_alone():
+    """Runs 0 and 2 read the same images (one stream, its image tower run once) with their own labels,
+    padding and losses; run 1 has its own: stepped together with stream ids [0, 1, 0] they equal each run
+    stepped alone on its images, to the tolerances of the test above."""
+    clip, spec, tx, states, batches = _setting(image_features=False, runs=3)
+    batches[2]["image"] = batches[0]["image"]
+    names = ("dspt", "ce", "gce")
+    ctx_alone, loss_alone = _alone(clip, spec, tx, states, batches, names, steps=2)
+    ctx_together, loss_together = _together(clip, spec, tx, states, batches, names, steps=2, stream_ids=[0, 1, 0])
+    np.testing.assert_allclose(loss_together, loss_alone, rtol=1e-5)
+    _assert_close_ctx(ctx_together, ctx_alone)
+    assert abs(loss_alone[0, 0] - loss_alone[0, 2]) > 1e-3  # the runs sharing images still differ
 
 
 # On 8 fake CPU devices: the runs' batches split over the devices (their example axis), the R x K prompts'
@@ -155,7 +175,9 @@ POINTS = [  # (seed, noise kind, rate, loss): what a sweep varies
     (1, "sym", 0.25, "dspt"),
     (2, "sym", 0.5, "ce"),
     (1, "pairflip", 0.25, "gce"),
+    (1, "sym", 0.5, "ce"),  # seed 1's sym draw again, other labels: it shares the first point's input stream
 ]
+STREAMS = 3  # seed 1 sym, seed 2 sym, seed 1 pairflip (per-class flips draw other examples)
 
 
 def _point_config(seed, kind, rate, loss, **overrides):
@@ -187,6 +209,7 @@ def alone(tmp_path_factory):
 def _assert_same_runs(together, alone):
     for (r_t, lines_t, ctx_t), (r_a, lines_a, ctx_a) in zip(together, alone):
         assert r_t["runs_together"] == len(POINTS) and r_a["runs_together"] == 1
+        assert r_t["input_streams"] == STREAMS and r_a["input_streams"] == 1
         for key in ("steps", "epochs", "batch_size", "seed", "loss", "dataset"):
             assert r_t[key] == r_a[key], key
         # The same noise setting, and a noise record of the same name (the same labels: its name hashes them).
@@ -201,7 +224,7 @@ def _assert_same_runs(together, alone):
 
 
 def test_train_runs_equal_each_run_alone_also_after_an_interruption(alone, tmp_path):
-    """The three points trained together, stopped at step 6 of 12 and rerun, end as each trained alone."""
+    """The four points trained together, stopped at step 6 of 12 and rerun, end as each trained alone."""
     workdirs = [str(tmp_path / f"p{i}") for i in range(len(POINTS))]
     first = train.train_runs([_point_config(*p, max_steps=6) for p in POINTS], workdirs)
     assert [r["steps"] for r in first] == [6] * len(POINTS)

@@ -1,0 +1,103 @@
+"""How many runs fit in one program: the arithmetic, the free memory read, XLA's memory analysis of the
+run-axis step against a compiled program of more runs, and the sweep's groups when the limit is not given."""
+
+import os
+import sys
+import types
+
+import jax
+import pytest
+
+from dspt_jax import capacity, sweep, train
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_sweep import POINTS, FakeTrain, smoke_config  # noqa: E402
+
+
+def test_runs_that_fit_is_the_largest_r_with_fixed_plus_r_per_run_within_the_usable_memory():
+    assert capacity.runs_that_fit(fixed_bytes=10, per_run_bytes=3, usable_bytes=40) == 10  # 10 + 30 = 40
+    assert capacity.runs_that_fit(fixed_bytes=10, per_run_bytes=3, usable_bytes=39) == 9
+    assert capacity.runs_that_fit(fixed_bytes=50, per_run_bytes=3, usable_bytes=40) == 1  # never 0
+    with pytest.raises(ValueError, match="per_run_bytes"):
+        capacity.runs_that_fit(1, 0, 40)
+
+
+def _meminfo_available() -> int:
+    fields = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    kib, unit = fields["MemAvailable"].split()
+    assert unit == "kB"
+    return int(kib) * 1024
+
+
+def test_free_memory_on_cpu_is_half_the_hosts_available_memory_per_device():
+    free, usable, where = capacity.free_memory()
+    assert "MemAvailable" in where
+    # MemAvailable moves while the suite runs: within 10 % of this test's own read.
+    assert abs(free - _meminfo_available()) < 0.1 * free
+    assert usable == int(free * capacity.HOST_FRACTION / len(jax.local_devices()))
+
+
+def test_free_memory_on_an_accelerator_is_its_limit_less_what_is_in_use():
+    gpu = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H200",
+                                memory_stats=lambda: {"bytes_limit": 1000, "bytes_in_use": 200})
+    assert capacity.free_memory(gpu) == (800, 640, "NVIDIA H200: bytes_limit - bytes_in_use")
+
+
+def test_the_linear_model_from_one_and_two_runs_predicts_a_compiled_program_of_six():
+    """fixed + R x per run from the R = 1 and R = 2 programs, against XLA's analysis of the R = 6 program
+    of the tiny CLIP (measured: within 10 %; XLA's temporaries do not grow exactly linearly)."""
+    config = smoke_config()
+    run = train.setup_run(config, None, None)
+    tx, _ = train.make_optimizer(config, run.steps_per_epoch, run.num_epochs)
+    one, two, six = (capacity.program_bytes(run, tx, r) for r in (1, 2, 6))
+    assert one < two < six
+    predicted = one + 5 * (two - one)
+    assert abs(predicted - six) <= 0.25 * six, (one, two, six)
+
+
+def test_fit_runs_reports_its_figures():
+    config = smoke_config()
+    fit = capacity.fit_runs(config, None)
+    assert fit.per_run_bytes > 0 and fit.fixed_bytes >= 0
+    assert fit.runs == capacity.runs_that_fit(fit.fixed_bytes, fit.per_run_bytes, fit.usable_bytes)
+    assert "runs per program" in fit.describe() and "MiB per run" in fit.describe()
+
+
+class FakeTrainRuns:
+    """Stands in for train.train_runs: records each program's points and writes their results."""
+
+    def __init__(self):
+        self.groups = []
+        self.one = FakeTrain()
+
+    def __call__(self, configs, workdirs, clip=None):
+        self.groups.append([os.path.relpath(w, os.path.dirname(os.path.dirname(os.path.dirname(w))))
+                            for w in workdirs])
+        return [self.one(c, w) for c, w in zip(configs, workdirs)]
+
+
+GRID = dict(kinds=["sym"], rates=[0.0, 0.5], losses=["ce", "dspt"], seeds=[1])
+
+
+def test_a_vectorized_sweep_without_a_limit_groups_as_many_points_as_fit(tmp_path, monkeypatch):
+    fake = FakeTrainRuns()
+    monkeypatch.setattr(train, "train_runs", fake)
+    fit = capacity.Fit(runs=3, fixed_bytes=1, per_run_bytes=1, free_bytes=8, usable_bytes=4, where="test")
+    monkeypatch.setattr(capacity, "fit_runs", lambda config, clip: fit)
+    monkeypatch.setattr(sweep._ClipCache, "get", lambda self, config: None)
+    report = sweep.run_sweep(smoke_config(), str(tmp_path), **GRID, vectorize=True, aggregate=False)
+    assert report.ok and [len(g) for g in fake.groups] == [3, 1]
+    assert sorted(sum(fake.groups, [])) == sorted(POINTS)
+
+
+def test_without_xla_memory_figures_every_point_goes_into_one_program(tmp_path, monkeypatch):
+    fake = FakeTrainRuns()
+    monkeypatch.setattr(train, "train_runs", fake)
+
+    def no_analysis(config, clip):
+        raise NotImplementedError("XLA reports no memory analysis on tpu")
+
+    monkeypatch.setattr(capacity, "fit_runs", no_analysis)
+    monkeypatch.setattr(sweep._ClipCache, "get", lambda self, config: None)
+    report = sweep.run_sweep(smoke_config(), str(tmp_path), **GRID, vectorize=True, aggregate=False)
+    assert report.ok and [len(g) for g in fake.groups] == [4]
