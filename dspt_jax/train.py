@@ -664,24 +664,30 @@ class Evaluator:
     """Image features of the run's splits, encoded once and reused by every evaluation (zero-shot, per-epoch,
     final), and predictions against any class features."""
 
-    def __init__(self, run: Run, shared: Evaluator | None = None):
-        """`shared`: the evaluator of a run of the same dataset, whose test and validation features this one
-        reuses (runs trained together differ in their training sets only)."""
+    def __init__(self, run: Run, shared: Evaluator | None = None, same_train: Evaluator | None = None):
+        """`shared`: the evaluator of a run trained together with this one (`train_runs`: the same dataset,
+        model, prompt layout and mesh), whose compiled programs and test and validation features this one
+        reuses. `same_train`: the evaluator of a run of the same training set and seed (an input stream's
+        first run), whose training-split features this one reuses with its own labels."""
         self._run = run
         self._shared = shared
-        n_dev = run.mesh.devices.size
-        self._batch_size = math.ceil(run.config.eval_batch_size / n_dev) * n_dev  # equal rows per device
-        self._encode = jax.jit(
-            lambda cp, images: run.module.apply({"params": cp}, images, method="encode_image"),
-            in_shardings=(run.repl, sharding.batch_sharding(run.mesh)),
-            out_shardings=sharding.batch_sharding(run.mesh),
-        )
-        self._text = jax.jit(
-            lambda cp, fe, pr: prompt_lib.class_features(
-                run.module, cp, fe, pr["ctx"], run.spec, shared_prefix=run.config.model.shared_prefix
-            ),
-            out_shardings=run.repl,
-        )
+        self._same_train = same_train
+        if shared is not None:
+            self._batch_size, self._encode, self._text = shared._batch_size, shared._encode, shared._text
+        else:
+            n_dev = run.mesh.devices.size
+            self._batch_size = math.ceil(run.config.eval_batch_size / n_dev) * n_dev  # equal rows per device
+            self._encode = jax.jit(
+                lambda cp, images: run.module.apply({"params": cp}, images, method="encode_image"),
+                in_shardings=(run.repl, sharding.batch_sharding(run.mesh)),
+                out_shardings=sharding.batch_sharding(run.mesh),
+            )
+            self._text = jax.jit(
+                lambda cp, fe, pr: prompt_lib.class_features(
+                    run.module, cp, fe, pr["ctx"], run.spec, shared_prefix=run.config.model.shared_prefix
+                ),
+                out_shardings=run.repl,
+            )
         self._rows: dict[str, dict] = {}
 
     def encoded(self, split: str, view=None) -> dict:
@@ -691,6 +697,13 @@ class Evaluator:
         if self._shared is not None and split != "train":
             return self._shared.encoded(split, view)
         if view is None and split in self._rows:
+            return self._rows[split]
+        if self._same_train is not None and split == "train" and view is None:
+            rows = self._same_train.encoded(split)
+            ex = self._run.task.train
+            at = _example_positions(ex.ids)[rows["id"]]
+            self._rows[split] = {**rows, "label": ex.labels[at].astype(rows["label"].dtype),
+                                 "clean_label": ex.clean[at].astype(rows["clean_label"].dtype)}
             return self._rows[split]
         batches = pipeline.eval_batches(
             self._run.task,
@@ -939,6 +952,12 @@ def _restore(runs: list[Run], checkpointers, states: list[TrainState]) -> list[T
     return states
 
 
+def input_stream(run: Run) -> tuple:
+    """What a run's training images depend on: runs with equal keys read the same images in the same order
+    with the same augmentation (the noise flips labels, not the draw), each with its own labels."""
+    return run.config.seed, run.task.train.ids.tobytes()
+
+
 def jit_runs_step(run: Run, objectives, tx):
     """`make_runs_step` for runs set up like `run`, jitted over its mesh: the batch's examples split over the
     devices, everything else replicated; the state is donated."""
@@ -989,7 +1008,7 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
     # Runs of one seed and training set (a sweep's noise rates and losses: the noise flips labels, not the
     # draw) read the same images in the same order with the same augmentation: one input pipeline and one
     # image-tower pass per such stream; each run looks its own labels up by example id.
-    stream_keys = [(r.config.seed, r.task.train.ids.tobytes()) for r in runs]
+    stream_keys = [input_stream(r) for r in runs]
     streams = list(dict.fromkeys(stream_keys))
     stream_of = [streams.index(k) for k in stream_keys]
     stream_ids = jax.device_put(jnp.asarray(stream_of, jnp.int32), lead.repl)
@@ -1309,8 +1328,12 @@ def train_runs(configs, workdirs, clip: CLIP | None = None) -> list[dict]:
         _check_runs_match(runs)
         for config, workdir in zip(configs, workdirs):  # only now: set-up refusals leave the workdir as it was
             _write_config(config, workdir)
-        evaluators = [Evaluator(lead)]
-        evaluators += [Evaluator(run, shared=evaluators[0]) for run in runs[1:]]
+        streams = [input_stream(run) for run in runs]
+        evaluators = []
+        for r, run in enumerate(runs):
+            first = streams.index(streams[r])  # the first run of its input stream
+            evaluators.append(Evaluator(run, shared=evaluators[0] if r else None,
+                                        same_train=evaluators[first] if first < r else None))
         zero_shots = [zero_shot_phase(run, e) for run, e in zip(runs, evaluators)]
         tx, schedule = make_optimizer(lead.config, lead.steps_per_epoch, lead.num_epochs)
         trained = train_phase(runs, evaluators, [create_train_state(run, tx) for run in runs], tx, schedule)
