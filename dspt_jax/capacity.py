@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from dspt_jax import losses, methods
 
@@ -119,8 +120,9 @@ def program_bytes(run, tx, num_runs: int) -> int:
 
 
 def fit_runs(config: ml_collections.ConfigDict, clip) -> Fit:
-    """How many runs of `config`'s setting fit in one program on this process's devices. `clip`: the loaded
-    CLIP of `config.model.source`. Loads the task (without writing anything) and compiles the step twice."""
+    """How many runs of `config`'s setting fit in one program on this process's devices (with several
+    processes: the fewest any host can take). `clip`: the loaded CLIP of `config.model.source`. Loads the
+    task (without writing anything) and compiles the step twice."""
     from dspt_jax import train
 
     free, usable, where = free_memory()  # before set-up puts a copy of CLIP's weights on the devices
@@ -129,4 +131,7 @@ def fit_runs(config: ml_collections.ConfigDict, clip) -> Fit:
     one, two = program_bytes(run, tx, 1), program_bytes(run, tx, 2)
     per_run = max(two - one, 1)
     fixed = max(one - per_run, 0)
-    return Fit(runs_that_fit(fixed, per_run, usable), fixed, per_run, free, usable, where)
+    runs = runs_that_fit(fixed, per_run, usable)
+    if jax.process_count() > 1:  # every host must form the same groups, or they wait on each other forever
+        runs = int(np.min(multihost_utils.process_allgather(np.int32(runs))))
+    return Fit(runs, fixed, per_run, free, usable, where)
