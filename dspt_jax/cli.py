@@ -55,7 +55,7 @@ def setup_console(flag_values: flags.FlagValues | None = None) -> None:
 
     Call it first in main(), before anything imports TensorFlow (only `dspt_jax.data.pipeline` and the
     modules beside it do, inside the run). TensorFlow reads TF_CPP_MIN_LOG_LEVEL once, at import, where it
-    logs its CPU-feature and oneDNN notices at INFO, which absl's C++ logging prefixes with 'All log
+    logs its CPU-feature notice at INFO, which absl's C++ logging prefixes with 'All log
     messages before absl::InitializeLog() is called are written to STDERR'. Level 1, the default, hides
     INFO and nothing else: a real TensorFlow warning or error still shows (behind absl's one-line preamble,
     which cannot be hidden without hiding the warning with it). A TF_CPP_MIN_LOG_LEVEL already in the
@@ -65,6 +65,11 @@ def setup_console(flag_values: flags.FlagValues | None = None) -> None:
     package and the config files import JAX), so --verbosity cannot reach it; its INFO lines are off
     unless the environment asks for them (`TF_CPP_MIN_LOG_LEVEL=0 python -m dspt_jax.main ...`)."""
     fv = flags.FLAGS if flag_values is None else flag_values
+    # On CPUs where TensorFlow turns its oneDNN kernels on by default (AVX512-VNNI/BF16 ones: the AMD EPYC of
+    # our CI), it says so at import whatever TF_CPP_MIN_LOG_LEVEL asks. The input pipeline (decode, crop,
+    # flip, resize) has no matmul or convolution, the ops oneDNN speeds up; off, the pipeline runs the same
+    # kernels on every CPU and the notice is gone. TF_ENABLE_ONEDNN_OPTS=1 in the environment keeps them on.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     verbosity_given = fv["verbosity"].present
     level = native_log_level(fv["verbosity"].value if verbosity_given else None)
     if verbosity_given:

@@ -191,4 +191,8 @@ def test_text_remat_gives_the_same_features_and_gradient(clip):
     plain = _features_and_grad(clip, spec, ctx)
     remat = _features_and_grad(clip, spec, ctx, module=CLIPModule(clip.config, remat_text=True))
     np.testing.assert_allclose(remat[0], plain[0], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(remat[1], plain[1], rtol=1e-5, atol=1e-7)
+    # Recomputed activations may be fused and summed in another order: elements of the gradient near zero
+    # differ by float rounding of the large ones (measured 5e-7 against a largest element of 2.8 on an AMD
+    # EPYC), so the tolerance is relative to the gradient's scale.
+    scale = float(np.abs(plain[1]).max())
+    np.testing.assert_allclose(remat[1], plain[1], rtol=1e-5, atol=1e-6 * scale)

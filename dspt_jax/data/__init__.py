@@ -20,6 +20,8 @@ import os
 # package, so setting it here covers use from Python. The command lines set it earlier, from --verbosity
 # (dspt_jax/cli.py); a value already in the environment wins over this default.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# The oneDNN notice ignores that level; the pipeline has no op oneDNN speeds up (dspt_jax/cli.py says more).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 _LAZY = {
     "load_task": "pipeline",
