@@ -1163,8 +1163,9 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
                 )
                 raise TrainingPreempted if stop_signal.preempted else TrainingInterrupted
     finally:
-        # Shut the endless input pipelines down here, not whenever this frame is collected: left to
-        # garbage collection, their teardown stalled 13-34 s after about half of the points of a sweep.
+        # Shut the endless input pipelines down here, not whenever this frame is collected (a teardown at
+        # an unknown later moment; each one used to wait for tf.data's autotuning thread, now off:
+        # pipeline._options).
         for it in inputs:
             it.close()
         for c in checkpointers:

@@ -242,6 +242,9 @@ def _decode_all(paths: Sequence[str]) -> dict[str, str]:
     # The shape depends on the decoded pixels, so the decode cannot be optimized away.
     ds = ds.map(lambda i, p: (i, tf.shape(decode_image(tf.io.read_file(p)))[0]),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    opts = tf.data.Options()
+    opts.autotune.enabled = False  # its thread delays the iterator's teardown by seconds (pipeline._options)
+    ds = ds.with_options(opts)
     ok = np.zeros(len(paths), bool)
     for i, _ in ds.ignore_errors().as_numpy_iterator():
         ok[i] = True
