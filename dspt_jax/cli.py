@@ -65,10 +65,10 @@ def setup_console(flag_values: flags.FlagValues | None = None) -> None:
     package and the config files import JAX), so --verbosity cannot reach it; its INFO lines are off
     unless the environment asks for them (`TF_CPP_MIN_LOG_LEVEL=0 python -m dspt_jax.main ...`)."""
     fv = flags.FLAGS if flag_values is None else flag_values
-    # On CPUs where TensorFlow turns its oneDNN kernels on by default (AVX512-VNNI/BF16 ones: the AMD EPYC of
-    # our CI), it says so at import whatever TF_CPP_MIN_LOG_LEVEL asks. The input pipeline (decode, crop,
-    # flip, resize) has no matmul or convolution, the ops oneDNN speeds up; off, the pipeline runs the same
-    # kernels on every CPU and the notice is gone. TF_ENABLE_ONEDNN_OPTS=1 in the environment keeps them on.
+    # On CPUs where TensorFlow turns its oneDNN kernels on by default (AVX512-VNNI/BF16 ones, such as an AMD
+    # EPYC of our CI), it says so at import whatever TF_CPP_MIN_LOG_LEVEL asks. The input pipeline (decode,
+    # crop, flip, resize) has no matmul or convolution, the ops oneDNN speeds up; off, the pipeline runs the
+    # same kernels on every CPU and the notice is gone. TF_ENABLE_ONEDNN_OPTS=1 in the environment keeps them.
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     verbosity_given = fv["verbosity"].present
     level = native_log_level(fv["verbosity"].value if verbosity_given else None)
@@ -97,8 +97,9 @@ def is_refusal(error: BaseException) -> bool:
 def reporting_refusals(ctrl_c_message: str, flag_values: flags.FlagValues | None = None):
     """Runs the body of a command line's main(); turns what it raises into a console message and an exit
     status: a refusal (`is_refusal`) -> its message on stderr, status 1 (with --debug_tracebacks, the
-    traceback, which ends with the message); a stop by Ctrl-C or SIGTERM that the trainer reported -> the status it carries;
-    any other Ctrl-C -> `ctrl_c_message`, status 130. Other errors propagate with their traceback."""
+    traceback, which ends with the message); a stop by Ctrl-C or SIGTERM that the trainer reported -> the
+    status it carries; any other Ctrl-C -> `ctrl_c_message`, status 130. Other errors propagate with their
+    traceback."""
     fv = flags.FLAGS if flag_values is None else flag_values
     try:
         yield
