@@ -6,6 +6,7 @@ import sys
 import types
 
 import jax
+import numpy as np
 import pytest
 
 from dspt_jax import capacity, sweep, train
@@ -62,6 +63,27 @@ def test_fit_runs_reports_its_figures():
     assert fit.runs == capacity.runs_that_fit(fit.fixed_bytes, fit.per_run_bytes, fit.usable_bytes)
     assert "runs per program" in fit.describe() and "MiB per run" in fit.describe()
 
+
+
+def test_with_several_processes_every_host_takes_the_fewest_runs_any_host_can(monkeypatch):
+    """Hosts with different free memory must still form the same groups: fit_runs takes the minimum of
+    every process's own figure (here a second host that fits 3 runs, this one 1,000)."""
+    mib = 2**20
+    monkeypatch.setattr(capacity, "free_memory", lambda: (4000 * mib, 2000 * mib, "test"))
+    monkeypatch.setattr(capacity, "program_bytes", lambda run, tx, n: (2 + n) * mib)  # fixed 2, 1 per run
+    gathered = []
+
+    def allgather(x):
+        gathered.append(int(x))
+        return np.array([x, 3], np.int32)
+
+    monkeypatch.setattr(capacity.multihost_utils, "process_allgather", allgather)
+    config = smoke_config()
+    assert capacity.fit_runs(config, None).runs == 1998  # one process: its own figure, nothing gathered
+    assert gathered == []
+    monkeypatch.setattr(capacity.jax, "process_count", lambda: 2)
+    assert capacity.fit_runs(config, None).runs == 3
+    assert gathered == [1998]
 
 class FakeTrainRuns:
     """Stands in for train.train_runs: records each program's points and writes their results."""
