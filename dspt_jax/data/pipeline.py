@@ -472,7 +472,7 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
     opts = tf.data.Options()
     opts.deterministic = True
     # No autotuning thread: deleting an iterator waits for that thread's next wake-up, which backs off to
-    # tens of seconds (measured: 3-28 s per training pipeline closed, after 60-300 steps). AUTOTUNE then
+    # tens of seconds (measured: 3-13 s per training pipeline closed, after 60-300 steps). AUTOTUNE then
     # means tf.data's default parallelism (the CPU count, at most 16); the demo's steps/s are the same.
     opts.autotune.enabled = False
     return ds.with_options(opts)
