@@ -65,11 +65,6 @@ def setup_console(flag_values: flags.FlagValues | None = None) -> None:
     package and the config files import JAX), so --verbosity cannot reach it; its INFO lines are off
     unless the environment asks for them (`TF_CPP_MIN_LOG_LEVEL=0 python -m dspt_jax.main ...`)."""
     fv = flags.FLAGS if flag_values is None else flag_values
-    # On CPUs where TensorFlow turns its oneDNN kernels on by default (AVX512-VNNI/BF16 ones, such as an AMD
-    # EPYC of our CI), it says so at import whatever TF_CPP_MIN_LOG_LEVEL asks. The input pipeline (decode,
-    # crop, flip, resize) has no matmul or convolution, the ops oneDNN speeds up; off, the pipeline runs the
-    # same kernels on every CPU and the notice is gone. TF_ENABLE_ONEDNN_OPTS=1 in the environment keeps them.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     verbosity_given = fv["verbosity"].present
     level = native_log_level(fv["verbosity"].value if verbosity_given else None)
     if verbosity_given:

@@ -1165,7 +1165,7 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
     finally:
         # Shut the endless input pipelines down here, not whenever this frame is collected (a teardown at
         # an unknown later moment; each one used to wait for tf.data's autotuning thread, now off:
-        # pipeline._options).
+        # sources.without_autotune).
         for it in inputs:
             it.close()
         for c in checkpointers:

@@ -64,7 +64,6 @@ def test_fit_runs_reports_its_figures():
     assert "runs per program" in fit.describe() and "MiB per run" in fit.describe()
 
 
-
 def test_with_several_processes_every_host_takes_the_fewest_runs_any_host_can(monkeypatch):
     """Hosts with different free memory must still form the same groups: fit_runs takes the minimum of
     every process's own figure (here a second host that fits 3 runs, this one 1,000)."""
@@ -84,6 +83,7 @@ def test_with_several_processes_every_host_takes_the_fewest_runs_any_host_can(mo
     monkeypatch.setattr(capacity.jax, "process_count", lambda: 2)
     assert capacity.fit_runs(config, None).runs == 3
     assert gathered == [1998]
+
 
 class FakeTrainRuns:
     """Stands in for train.train_runs: records each program's points and writes their results."""

@@ -20,7 +20,10 @@ import os
 # package, so setting it here covers use from Python. The command lines set it earlier, from --verbosity
 # (dspt_jax/cli.py); a value already in the environment wins over this default.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-# The oneDNN notice ignores that level; the pipeline has no op oneDNN speeds up (dspt_jax/cli.py says more).
+# On CPUs where TensorFlow turns its oneDNN kernels on by default (AVX512-VNNI/BF16 ones, such as an AMD
+# EPYC of our CI), it says so at import whatever TF_CPP_MIN_LOG_LEVEL asks. The input pipeline (decode,
+# crop, flip, resize) has no matmul or convolution, the ops oneDNN speeds up; off, the pipeline runs the
+# same kernels on every CPU and the notice is gone. TF_ENABLE_ONEDNN_OPTS=1 in the environment keeps them.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 _LAZY = {

@@ -471,11 +471,7 @@ def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
 def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
     opts = tf.data.Options()
     opts.deterministic = True
-    # No autotuning thread: deleting an iterator waits for that thread's next wake-up, which backs off to
-    # tens of seconds (measured: 3-13 s per training pipeline closed, after 60-300 steps). AUTOTUNE then
-    # means tf.data's default parallelism (the CPU count, at most 16); the demo's steps/s are the same.
-    opts.autotune.enabled = False
-    return ds.with_options(opts)
+    return sources.without_autotune(ds.with_options(opts))
 
 
 def _check_training_order(task: Task, global_batch_size, examples_per_step, seed, start_step, process_index,
