@@ -16,6 +16,9 @@ The text tower has three entry points:
   * `encode_text_shared_prefix(prefix, suffixes, eot_index)`: the same features for K sequences that begin
     with the same tokens (CoOp's [SOS] + shared context before every class name): the prefix is encoded once
     and every suffix attends to its keys and values, as in KV-cached decoding.
+Both towers read one token per sequence (end-of-text, the class token), so their last block computes that
+token only: its query, attention output and MLP (`LayerCollection`'s `pool_index`); the other tokens of the
+last block feed nothing.
 
 No TensorFlow here.
 """
@@ -146,6 +149,9 @@ class Attention(nn.Module):
     With `prefix` ([1, P, D], a token sequence every row of `x` continues), the rows of `x` are suffixes
     [N, S, D] that attend causally to themselves and fully to the prefix's keys and values, computed once:
     KV-cached decoding of N continuations of one shared prefix. Returns (suffix, prefix) outputs then.
+    With `query_index` ([N] ints), only the token at that position of each row is a query (the keys and
+    values are all tokens, causally those up to it): the output is that token's [N, 1, D], and a prefix,
+    if any, gets no output of its own. The last block of a tower that reads one token needs no more.
     """
 
     hidden_size: int
@@ -154,42 +160,56 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, prefix: Array | None = None):
+    def __call__(self, x: Array, prefix: Array | None = None, query_index: Array | None = None):
         head_dim = self.hidden_size // self.num_heads
         q_proj, k_proj, v_proj, out_proj = (
             nn.Dense(self.hidden_size, dtype=self.dtype, name=name)
             for name in ("q_proj", "k_proj", "v_proj", "out_proj")
         )
+        split = lambda u: u.reshape(*u.shape[:-1], self.num_heads, head_dim)
 
         def qkv(t):
-            split = lambda u: u.reshape(*t.shape[:-1], self.num_heads, head_dim)
             return split(q_proj(t)), split(k_proj(t)), split(v_proj(t))
+
+        def mask(scores, causal):
+            if not causal:
+                return scores
+            if query_index is None:
+                return _causal_scores(scores)
+            # The one query of row n sits at query_index[n]: it sees the keys up to there.
+            seen = jnp.arange(scores.shape[-1])[None, :] <= query_index[:, None]
+            return jnp.where(seen[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
 
         def attend(q, k, v, causal):
             scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim**-0.5
-            if causal:
-                scores = _causal_scores(scores)
-            weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+            weights = jax.nn.softmax(mask(scores, causal), axis=-1).astype(self.dtype)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
             return out_proj(out.reshape(*out.shape[:-2], self.hidden_size))
 
-        q, k, v = qkv(x)
+        if query_index is None:
+            q, k, v = qkv(x)
+        else:
+            queries = jnp.take_along_axis(x, query_index[:, None, None].astype(jnp.int32), axis=1)
+            q, k, v = split(q_proj(queries)), split(k_proj(x)), split(v_proj(x))
         if prefix is None:
             return attend(q, k, v, self.causal)
         if not self.causal:
             raise ValueError("a shared prefix needs causal attention")
-        qp, kp, vp = qkv(prefix)
+        kp, vp = split(k_proj(prefix)), split(v_proj(prefix))
         # Scores of the suffix queries against the prefix keys (no broadcast of the prefix to N rows) and
         # against their own keys (causal), one softmax over both.
         to_prefix = jnp.einsum("bqhd,khd->bhqk", q, kp[0]).astype(jnp.float32)
-        to_self = _causal_scores(jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32))
+        to_self = mask(jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32), True)
         scores = jnp.concatenate([to_prefix, to_self], axis=-1) * head_dim**-0.5
         weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         n_prefix = kp.shape[1]
         out = jnp.einsum("bhqk,khd->bqhd", weights[..., :n_prefix], vp[0]) + jnp.einsum(
             "bhqk,bkhd->bqhd", weights[..., n_prefix:], v
         )
-        return out_proj(out.reshape(*out.shape[:-2], self.hidden_size)), attend(qp, kp, vp, True)
+        out = out_proj(out.reshape(*out.shape[:-2], self.hidden_size))
+        if query_index is not None:
+            return out
+        return out, attend(split(q_proj(prefix)), kp, vp, True)
 
 
 class MLP(nn.Module):
@@ -214,7 +234,8 @@ class EncoderLayer(nn.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then + mlp(ln2(.)).
 
     With `prefix` (see `Attention`), returns (x, prefix) after the block, each token through the same
-    weights: the layer norms and the MLP are per token, only attention mixes the two.
+    weights: the layer norms and the MLP are per token, only attention mixes the two. With `pool_index`
+    ([N] ints), returns only the token at that position of each row, [N, D] (a prefix then has no output).
     """
 
     hidden_size: int
@@ -226,11 +247,16 @@ class EncoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, prefix: Array | None = None):
+    def __call__(self, x: Array, prefix: Array | None = None, pool_index: Array | None = None):
         ln1 = _layer_norm(self.eps, "layer_norm1", self.dtype)
         ln2 = _layer_norm(self.eps, "layer_norm2", self.dtype)
         attn = Attention(self.hidden_size, self.num_heads, self.causal, self.dtype, name="self_attn")
         mlp = MLP(self.hidden_size, self.intermediate_size, self.act, self.dtype, name="mlp")
+        if pool_index is not None:
+            pooled = jnp.take_along_axis(x, pool_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+            out = attn(ln1(x), prefix=None if prefix is None else ln1(prefix), query_index=pool_index)[:, 0]
+            pooled = pooled + out
+            return pooled + mlp(ln2(pooled))
         if prefix is None:
             x = x + attn(ln1(x))
             return x + mlp(ln2(x))
@@ -241,20 +267,26 @@ class EncoderLayer(nn.Module):
 
 class LayerCollection(nn.Module):
     """Holds the blocks as `layers/0`, `layers/1`, ... (HF's naming). `remat`: recompute each block's
-    activations in the backward pass instead of keeping them (memory for compute; same parameters)."""
+    activations in the backward pass instead of keeping them (memory for compute; same parameters).
+    `pool_index` ([N] ints): the tower's output is read at one token per row, [N, D]; the last block then
+    computes that token only (its query, attention output and MLP), the same values as slicing the full
+    output."""
 
     num_layers: int
     layer_kwargs: dict
     remat: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, prefix: Array | None = None):
+    def __call__(self, x: Array, prefix: Array | None = None, pool_index: Array | None = None):
         layer = nn.remat(EncoderLayer) if self.remat else EncoderLayer
         for i in range(self.num_layers):
+            block = layer(**self.layer_kwargs, name=str(i))
+            if pool_index is not None and i == self.num_layers - 1:
+                return block(x, prefix, pool_index)
             if prefix is None:
-                x = layer(**self.layer_kwargs, name=str(i))(x)
+                x = block(x)
             else:
-                x, prefix = layer(**self.layer_kwargs, name=str(i))(x, prefix)
+                x, prefix = block(x, prefix)
         return x if prefix is None else (x, prefix)
 
 
@@ -264,8 +296,8 @@ class Encoder(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, prefix: Array | None = None):
-        return LayerCollection(self.num_layers, self.layer_kwargs, self.remat, name="layers")(x, prefix)
+    def __call__(self, x: Array, prefix: Array | None = None, pool_index: Array | None = None):
+        return LayerCollection(self.num_layers, self.layer_kwargs, self.remat, name="layers")(x, prefix, pool_index)
 
 
 def _encoder(cfg, causal: bool, dtype, remat: bool = False) -> Encoder:
@@ -321,9 +353,7 @@ class TextTransformer(nn.Module):
     def pooled_from_embeddings(self, token_embeds: Array, eot_index: Array) -> Array:
         """[N, L, D] token embeddings (no positions yet) + [N] end-of-text index -> [N, D] pooled."""
         x = token_embeds.astype(jnp.float32) + self.embeddings.positions(token_embeds.shape[1])
-        x = self.encoder(x.astype(self.dtype))
-        x = self.final_layer_norm(x)
-        return jnp.take_along_axis(x, eot_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        return self.final_layer_norm(self.encoder(x.astype(self.dtype), pool_index=eot_index))
 
     def pooled_from_shared_prefix(self, prefix_embeds: Array, suffix_embeds: Array, eot_index: Array) -> Array:
         """N sequences that all start with the same P tokens: prefix [P, D] + suffixes [N, S, D] (token
@@ -337,9 +367,8 @@ class TextTransformer(nn.Module):
         positions = self.embeddings.positions(n_prefix + suffix_embeds.shape[1])
         prefix = prefix_embeds.astype(jnp.float32) + positions[:n_prefix]
         suffix = suffix_embeds.astype(jnp.float32) + positions[n_prefix:]
-        x, _ = self.encoder(suffix.astype(self.dtype), prefix[None].astype(self.dtype))
-        x = self.final_layer_norm(x)
-        return jnp.take_along_axis(x, eot_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        x = self.encoder(suffix.astype(self.dtype), prefix[None].astype(self.dtype), pool_index=eot_index)
+        return self.final_layer_norm(x)
 
     def __call__(self, input_ids: Array) -> Array:
         eot_index = jnp.argmax(input_ids, axis=-1)
@@ -391,8 +420,8 @@ class VisionTransformer(nn.Module):
         cfg = self.config
         x = VisionEmbeddings(cfg, self.dtype, name="embeddings")(pixels.astype(self.dtype))
         x = _layer_norm(cfg.layer_norm_eps, "pre_layrnorm", self.dtype)(x)  # sic: HF's spelling
-        x = _encoder(cfg, causal=False, dtype=self.dtype)(x)
-        return _layer_norm(cfg.layer_norm_eps, "post_layernorm", self.dtype)(x[:, 0])
+        x = _encoder(cfg, causal=False, dtype=self.dtype)(x, pool_index=jnp.zeros(x.shape[0], jnp.int32))
+        return _layer_norm(cfg.layer_norm_eps, "post_layernorm", self.dtype)(x)
 
 
 class CLIPModule(nn.Module):

@@ -223,6 +223,26 @@ def assemble(frozen_embeds: jax.Array, ctx: jax.Array, ctx_positions: jax.Array)
     return frozen_embeds.at[rows, ctx_positions].set(ctx)
 
 
+def _split_at_prefix(frozen_embeds, ctx, ctx_positions: np.ndarray, n_prefix: int):
+    """`assemble` cut into the shared prefix [P, D] (row 0's first P embeddings) and the K suffixes
+    [K, L - P, D], without assembling the K full rows: the prefix's context slots are scattered into one
+    row only, and the suffixes, frozen text unless some context slots follow the prefix (the class token in
+    the middle), get just those. Same values as slicing `assemble`'s output; the gradient reaches the
+    context through P + K * (late slots) rows instead of K * n_ctx (a saving that grows with the runs
+    trained together)."""
+    frozen_embeds = jnp.asarray(frozen_embeds)
+    # The context slots are shared, so a slot is in the prefix in every row or in none: the first n_early.
+    early = np.asarray(ctx_positions) < n_prefix
+    n_early = int(early[0].sum())
+    if not (early == (np.arange(early.shape[1]) < n_early)).all():
+        raise ValueError("the shared prefix must hold the first context slots of every row")
+    prefix = assemble(frozen_embeds[:1, :n_prefix], ctx[:n_early], jnp.asarray(ctx_positions[:1, :n_early]))[0]
+    rows = frozen_embeds[:, n_prefix:]
+    if n_early < ctx.shape[0]:
+        rows = assemble(rows, ctx[n_early:], jnp.asarray(ctx_positions[:, n_early:] - n_prefix))
+    return prefix, rows
+
+
 def class_features(
     module,
     clip_params,
@@ -243,13 +263,15 @@ def class_features(
     class_sharding: a `NamedSharding` that splits the first axis over devices: the K prompts are padded to
       a multiple of the shard count and each device encodes its share; the features come back replicated.
     """
-    embeds = assemble(frozen_embeds, ctx, jnp.asarray(spec.ctx_positions))
     eot = jnp.asarray(spec.eot_index)
     k = spec.num_classes
     n_prefix = spec.shared_prefix_len if shared_prefix and ctx.ndim == 2 else 1
-    prefix, rows = None, embeds
+    prefix = None
     if n_prefix > 1:  # every row's first n_prefix embeddings are row 0's
-        prefix, rows, eot = embeds[0, :n_prefix], embeds[:, n_prefix:], eot - n_prefix
+        prefix, rows = _split_at_prefix(frozen_embeds, ctx, spec.ctx_positions, n_prefix)
+        eot = eot - n_prefix
+    else:
+        rows = assemble(frozen_embeds, ctx, jnp.asarray(spec.ctx_positions))
     if class_sharding is not None:
         shards = class_sharding.mesh.shape[class_sharding.spec[0]]
         pad = -k % shards  # copies of the first prompt, dropped after encoding
