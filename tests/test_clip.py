@@ -4,6 +4,7 @@ import json
 import os
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -287,3 +288,25 @@ def test_hub_id_served_from_local_cache_when_offline(tmp_path, monkeypatch):
     want_img, _, _ = _hf_outputs(model, pixels, ids)
     assert _rel(clip.encode_image(pixels.transpose(0, 2, 3, 1)), want_img) < 1e-5
     assert clip.source == "someone/tiny-clip"
+
+
+@pytest.mark.parametrize("causal,with_prefix", [(True, False), (True, True), (False, False)])
+def test_pooled_last_block_equals_slicing_the_full_output(causal, with_prefix):
+    """`pool_index` computes only the pooled token in the last block: the same values as running every
+    token through it and reading that token, for causal (text, with and without a shared prefix) and
+    bidirectional (vision) towers."""
+    from dspt_jax.models.clip import Encoder
+
+    kwargs = dict(hidden_size=32, intermediate_size=64, num_heads=4, act="quick_gelu", eps=1e-5, causal=causal)
+    encoder = Encoder(3, kwargs)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(5, 7, 32)), jnp.float32)
+    prefix = jnp.asarray(rng.normal(size=(1, 4, 32)), jnp.float32) if with_prefix else None
+    pool = jnp.asarray([6, 0, 3, 5, 2] if causal else [0] * 5, jnp.int32)
+    params = encoder.init(jax.random.key(0), x, prefix)
+    full = encoder.apply(params, x, prefix)
+    full = full[0] if with_prefix else full
+    pooled = encoder.apply(params, x, prefix, pool_index=pool)
+    assert pooled.shape == (5, 32)
+    expected = np.asarray(full)[np.arange(5), np.asarray(pool)]
+    np.testing.assert_allclose(np.asarray(pooled), expected, rtol=1e-5, atol=1e-5)
