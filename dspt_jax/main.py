@@ -13,7 +13,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from dspt_jax import cli
+from dspt_jax import cli, hostmem
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file.", lock_config=True
@@ -39,6 +39,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli.setup_console()  # before the run imports TensorFlow: it reads its log level once, at import
+    hostmem.keep_freed_memory()  # before the first big allocations
     with cli.reporting_refusals("rerun with the same workdir to resume from its last checkpoint."):
         _run()
 

@@ -41,7 +41,7 @@ import ml_collections
 from dspt_jax import aggregate as aggregate_lib
 from dspt_jax import capacity
 from dspt_jax import cli as cli_lib
-from dspt_jax import files
+from dspt_jax import files, hostmem
 from dspt_jax import methods as methods_lib
 from dspt_jax import train
 from dspt_jax.data import noise as noise_lib
@@ -541,6 +541,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli_lib.setup_console()  # before the points import TensorFlow: it reads its log level once, at import
+    hostmem.keep_freed_memory()  # before the first big allocations
     # What cli() leaves uncaught (missing inputs, Ctrl-C, SIGTERM) becomes a message and an exit status.
     with cli_lib.reporting_refusals("rerun the same command to resume."):
         if flags.FLAGS["distributed"].value:
