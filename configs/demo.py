@@ -1,6 +1,7 @@
 """The embedded demo: the offline synthetic world, zero-shot CLIP vs CoOp (CE) vs DSPT at 50% symmetric noise.
 
-Run (no network, no downloads; 5-7 minutes on 2 CPU cores, 2.5-3.5 of them pretraining the tiny CLIP once):
+Run (no network, no downloads; 2.5 minutes on 2 CPU cores, 1.5 of them pretraining the tiny CLIP once; up to
+7 on slower 2-core machines):
   python -m dspt_jax.main --config=configs/demo.py --workdir=runs/demo
 
 What happens: a tiny CLIP is pretrained contrastively on the synthetic world's captioned images (cached in
