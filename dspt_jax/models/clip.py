@@ -287,6 +287,8 @@ class LayerCollection(nn.Module):
                 x = block(x)
             else:
                 x, prefix = block(x, prefix)
+        if pool_index is not None:  # no blocks at all
+            return jnp.take_along_axis(x, pool_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         return x if prefix is None else (x, prefix)
 
 
