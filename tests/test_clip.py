@@ -315,7 +315,8 @@ def test_pooled_last_block_equals_slicing_the_full_output(causal, with_prefix):
 def test_pooling_without_blocks_reads_the_token():
     from dspt_jax.models.clip import Encoder
 
-    encoder = Encoder(0, dict(hidden_size=8, intermediate_size=16, num_heads=2, act="quick_gelu", eps=1e-5, causal=True))
+    kwargs = dict(hidden_size=8, intermediate_size=16, num_heads=2, act="quick_gelu", eps=1e-5, causal=True)
+    encoder = Encoder(0, kwargs)
     x = jnp.arange(2 * 3 * 8, dtype=jnp.float32).reshape(2, 3, 8)
     pooled = encoder.apply(encoder.init(jax.random.key(0), x), x, pool_index=jnp.asarray([2, 0]))
     np.testing.assert_array_equal(np.asarray(pooled), np.asarray(x)[[0, 1], [2, 0]])
