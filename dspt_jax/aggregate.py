@@ -96,6 +96,11 @@ def column_rate(kind: str, rate: float, num_flips: int | None, shots: int) -> fl
     return float(rate)
 
 
+def _features_suffix(mode: str) -> str:
+    """What a run's section name adds for its image features: nothing for CoOp's `computed`."""
+    return "" if mode == "computed" else f", image features {mode}"
+
+
 def flatten_results(results: dict, path: str = "<results>") -> dict:
     """One results.json (as written by `dspt_jax.train.train_and_evaluate`) -> one flat row."""
     noise = _require(results, path, "noise")
@@ -116,8 +121,7 @@ def flatten_results(results: dict, path: str = "<results>") -> dict:
         "seed": _require(results, path, "seed"),
         "shots": shots,
         # A run on cached image features is another protocol: it gets its own table (and says so).
-        "model": results.get("model", "")
-        + ("" if results.get("image_features", "computed") == "computed" else f", image features {results['image_features']}"),
+        "model": results.get("model", "") + _features_suffix(results.get("image_features", "computed")),
         "epochs": results.get("epochs"),
         "steps": results.get("steps"),
         "prompt": json.dumps(results.get("prompt"), sort_keys=True),

@@ -81,7 +81,8 @@ def check_can_prepare(name: str, builder, manual_dir: str | None = None, *, prob
             hint = f"\n  {info.prepare.format(data_dir=builder.data_dir)}" if info else ""
             raise ManualDirRequiredError(
                 f"'{name}' is built from files downloaded by hand, and {what}. What to put there:\n"
-                f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}\nThen run:{hint or ' the same command with --manual_dir'}"
+                f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}\n"
+                f"Then run:{hint or ' the same command with --manual_dir'}"
             )
         return os.path.expanduser(manual_dir)
     check_network(name, builder, probe_timeout)
@@ -131,7 +132,8 @@ def prepare(dataset: str, manual_dir: str | None = None, data_dir: str | None = 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", help=f"one of {sorted(ds_lib.DATASETS)} (or a tfds alias)")
-    parser.add_argument("--data_dir", default=None, help="tfds data_dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    parser.add_argument("--data_dir", default=None,
+                        help="tfds data_dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     parser.add_argument("--manual_dir", default=None, help="the hand-downloaded files, for the datasets that need them")
     args = parser.parse_args(argv)
     try:
