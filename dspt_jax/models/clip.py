@@ -143,6 +143,11 @@ def _causal_scores(scores: Array) -> Array:
     return jnp.where(jnp.tril(jnp.ones((l, l), dtype=bool)), scores, jnp.finfo(jnp.float32).min)
 
 
+def _token_at(x: Array, index: Array) -> Array:
+    """[N, L, D] -> [N, D]: row n's token at position index[n]."""
+    return jnp.take_along_axis(x, index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention. Scores and softmax in float32 whatever the compute dtype.
 
@@ -189,7 +194,7 @@ class Attention(nn.Module):
         if query_index is None:
             q, k, v = qkv(x)
         else:
-            queries = jnp.take_along_axis(x, query_index[:, None, None].astype(jnp.int32), axis=1)
+            queries = _token_at(x, query_index)[:, None]
             q, k, v = split(q_proj(queries)), split(k_proj(x)), split(v_proj(x))
         if prefix is None:
             return attend(q, k, v, self.causal)
@@ -253,7 +258,7 @@ class EncoderLayer(nn.Module):
         attn = Attention(self.hidden_size, self.num_heads, self.causal, self.dtype, name="self_attn")
         mlp = MLP(self.hidden_size, self.intermediate_size, self.act, self.dtype, name="mlp")
         if pool_index is not None:
-            pooled = jnp.take_along_axis(x, pool_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+            pooled = _token_at(x, pool_index)
             out = attn(ln1(x), prefix=None if prefix is None else ln1(prefix), query_index=pool_index)[:, 0]
             pooled = pooled + out
             return pooled + mlp(ln2(pooled))
@@ -288,7 +293,7 @@ class LayerCollection(nn.Module):
             else:
                 x, prefix = block(x, prefix)
         if pool_index is not None:  # no blocks at all
-            return jnp.take_along_axis(x, pool_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+            return _token_at(x, pool_index)
         return x if prefix is None else (x, prefix)
 
 
