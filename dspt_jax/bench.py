@@ -332,8 +332,7 @@ def main(argv):
         case = {
             "backbone": FLAGS.backbone, "num_classes": k, "batch_size": FLAGS.batch_size,
             "image_features": mode, "text": text, "dtype": dtype, "devices": jax.device_count(),
-            "text_tokens": int(spec.shared_prefix_len + k * (spec.token_ids.shape[1] - spec.shared_prefix_len))
-            if text == "shared_prefix" else int(k * spec.token_ids.shape[1]),
+            "text_tokens": prompt_lib.text_tokens(spec, shared_prefix=text == "shared_prefix"),
             **r,
             "images_per_s": r["steps_per_s"] * FLAGS.batch_size,
             "flops_per_s_per_device": achieved,

@@ -56,6 +56,19 @@ def test_the_linear_model_from_one_and_two_runs_predicts_a_compiled_program_of_s
     assert abs(predicted - six) <= 0.25 * six, (one, two, six)
 
 
+def test_the_probe_compile_gives_the_analysis_of_the_optimized_program():
+    """capacity compiles its probe programs with LLVM's optimizations off: the same buffer figures."""
+    config = smoke_config()
+    run = train.setup_run(config, None, None)
+    tx, _ = train.make_optimizer(config, run.steps_per_epoch, run.num_epochs)
+    lowered = capacity.step_lowered(run, tx, 3)
+    fast = lowered.compile(capacity.ANALYSIS_COMPILER_OPTIONS).memory_analysis()
+    full = lowered.compile().memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+    assert [getattr(fast, f) for f in fields] == [getattr(full, f) for f in fields]
+    assert full.temp_size_in_bytes > 0
+
+
 def test_fit_runs_reports_its_figures():
     config = smoke_config()
     fit = capacity.fit_runs(config, None)

@@ -196,3 +196,70 @@ def test_text_remat_gives_the_same_features_and_gradient(clip):
     # EPYC), so the tolerance is relative to the gradient's scale.
     scale = float(np.abs(plain[1]).max())
     np.testing.assert_allclose(remat[1], plain[1], rtol=1e-5, atol=1e-6 * scale)
+
+
+def _grouping_cost(lengths, groups, bucket_cost):
+    lengths = np.asarray(lengths)
+    return sum(len(g) * lengths[g].max() for g in groups) + len(groups) * bucket_cost * len(lengths) * lengths.max()
+
+
+def test_length_buckets_by_hand():
+    # The demo's classes: 25 suffixes of 4 tokens, 5 of 5. One batch: 150 tokens + 7.5; two: 100 + 25 + 15.
+    lengths = np.array([4] * 25 + [5] * 5)[np.random.default_rng(0).permutation(30)]
+    groups = prompt_lib.length_buckets(lengths, 0.05)
+    assert [sorted(set(lengths[g])) for g in groups] == [[4], [5]]
+    assert sorted(np.concatenate(groups)) == list(range(30))
+    # One short row does not pay for its own batch (4 + 145 + 15 > 150 + 7.5): all rows, in order.
+    np.testing.assert_array_equal(prompt_lib.length_buckets([5] * 29 + [4], 0.05)[0], np.arange(30))
+    assert len(prompt_lib.length_buckets([5] * 29 + [4], 0.05)) == 1
+    assert len(prompt_lib.length_buckets([7] * 6, 0.05)) == 1
+    assert len(prompt_lib.length_buckets([4] * 25 + [5] * 5, float("inf"))) == 1
+
+
+def test_length_buckets_is_the_cheapest_grouping():
+    """Against every partition of the distinct lengths into contiguous ranges (brute force)."""
+    import itertools
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        lengths = rng.integers(1, 9, size=rng.integers(1, 12))
+        cost = float(rng.choice([0.0, 0.02, 0.1, 0.5]))
+        values = np.unique(lengths)
+        best = np.inf
+        for cuts in itertools.product([False, True], repeat=len(values) - 1):
+            ends = [v for v, c in zip(values[:-1], cuts) if c] + [values[-1]]
+            lows = [-1] + ends[:-1]
+            groups = [np.flatnonzero((lengths > lo) & (lengths <= hi)) for lo, hi in zip(lows, ends)]
+            best = min(best, _grouping_cost(lengths, groups, cost))
+        got = prompt_lib.length_buckets(lengths, cost)
+        assert sorted(np.concatenate(got)) == list(range(len(lengths)))
+        np.testing.assert_allclose(_grouping_cost(lengths, got, cost), best)
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_rows_encoded_by_length_equal_one_batch(clip, monkeypatch, shared_prefix):
+    """Rows grouped by length (CLASSNAMES: 2 to 7 tokens) give the features and context gradient of the K
+    rows in one batch padded to the longest."""
+    spec = prompt_lib.build_prompt_spec(CLASSNAMES, n_ctx=4)
+    n_prefix = spec.shared_prefix_len if shared_prefix else 0
+    assert len(prompt_lib.length_buckets(spec.eot_index + 1 - n_prefix, prompt_lib.BUCKET_COST)) > 1
+    ctx = prompt_lib.init_context(jax.random.key(5), spec, 32)["ctx"] * 20
+    grouped = _features_and_grad(clip, spec, ctx, shared_prefix=shared_prefix)
+    monkeypatch.setattr(prompt_lib, "BUCKET_COST", float("inf"))
+    one = _features_and_grad(clip, spec, ctx, shared_prefix=shared_prefix)
+    np.testing.assert_allclose(grouped[0], one[0], rtol=1e-5, atol=1e-6)
+    scale = float(np.abs(one[1]).max())
+    np.testing.assert_allclose(grouped[1], one[1], rtol=1e-5, atol=1e-6 * scale)
+    assert np.abs(one[1]).min() > 0
+
+
+def test_text_tokens_by_hand():
+    # [SOS] X X X X cat . [EOT] and [SOS] X X X X sea lion . [EOT]: a prefix of 5, suffixes of 3 and 4.
+    spec = prompt_lib.build_prompt_spec(["cat", "sea lion"], n_ctx=4)
+    assert spec.shared_prefix_len == 5 and list(spec.eot_index) == [7, 8]
+    # Two batches (3 + 4 + 2 x 0.05 x 2 x 4 = 7.8) beat one (2 x 4 + 0.4 = 8.4): 5 + 3 + 4 tokens.
+    assert prompt_lib.text_tokens(spec) == 12
+    # Full rows of 8 and 9: 17 + 1.8 = 18.8 against 18 + 0.9 = 18.9, two batches again.
+    assert prompt_lib.text_tokens(spec, shared_prefix=False) == 17
+    front = prompt_lib.build_prompt_spec(["cat", "sea lion"], n_ctx=4, class_token_position="front")
+    assert front.shared_prefix_len == 1 and prompt_lib.text_tokens(front) == 17

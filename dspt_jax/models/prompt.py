@@ -12,12 +12,15 @@ per-class loop) and `class_features` computes the K text features once per step,
 With a shared context and the class token at the end (CoOp's default) every prompt starts with the same
 1 + n_ctx tokens; the causal text tower then gives them the same hidden states in every row, so
 `class_features` encodes that prefix once and only the K short class suffixes (name, ".", [EOT]) attend to
-its keys and values. With many classes the K rows can also be split over the devices.
+its keys and values. Rows are cut to the tokens they need: classes whose names tokenize to fewer tokens go
+through the tower in their own, shorter batch where that saves enough (`length_buckets`). With many classes
+the K rows can also be split over the devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -243,6 +246,48 @@ def _split_at_prefix(frozen_embeds, ctx, ctx_positions: np.ndarray, n_prefix: in
     return prefix, rows
 
 
+# What one more batch of rows costs (its own kernels, per layer, forward and backward), as a share of the
+# tokens of all K rows at the longest length: rows are grouped by length only where that saves more.
+BUCKET_COST = 0.05
+
+
+def length_buckets(lengths, bucket_cost: float = BUCKET_COST) -> list[np.ndarray]:
+    """Rows grouped by the tokens they need (`lengths` [K]): each group is encoded at its longest length,
+    padding the others. The groups (contiguous ranges of the sorted lengths) minimise the tokens encoded
+    plus `bucket_cost` x K x max(lengths) per group. Returns the row indices of each group, shortest first;
+    one group of all rows (in order) when grouping saves nothing."""
+    lengths = np.asarray(lengths, np.int64)
+    k = len(lengths)
+    values, counts = np.unique(lengths, return_counts=True)
+    overhead = bucket_cost * k * values[-1]
+    # best[j]: the cheapest grouping of the j shortest distinct lengths; a group ending at length j - 1
+    # pads its rows to values[j - 1].
+    best, cut = np.zeros(len(values) + 1), np.zeros(len(values) + 1, np.int64)
+    below = np.concatenate([[0], np.cumsum(counts)])  # rows with one of the first j distinct lengths
+    for j in range(1, len(values) + 1):
+        costs = [best[i] + (below[j] - below[i]) * values[j - 1] + overhead for i in range(j)]
+        cut[j] = int(np.argmin(costs))
+        best[j] = costs[cut[j]]
+    ends, j = [], len(values)
+    while j > 0:
+        ends.append(j)
+        j = cut[j]
+    if len(ends) == 1:
+        return [np.arange(k)]
+    bounds = [0, *sorted(ends)]
+    return [np.flatnonzero((lengths > (values[a - 1] if a else -1)) & (lengths <= values[b - 1]))
+            for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def text_tokens(spec: PromptSpec, shared_prefix: bool = True) -> int:
+    """Tokens the text tower encodes per step for the K prompts of `spec` (`class_features` without class
+    sharding): the shared prefix once, and each group of rows (`length_buckets`) at its longest length."""
+    n_prefix = spec.shared_prefix_len if shared_prefix and spec.shared_prefix_len > 1 else 0
+    lengths = np.asarray(spec.eot_index) + 1 - n_prefix
+    return n_prefix + sum(len(g) * int(lengths[g].max())
+                                           for g in length_buckets(lengths, BUCKET_COST))
+
+
 def class_features(
     module,
     clip_params,
@@ -260,33 +305,48 @@ def class_features(
       the middle), encode the common [SOS] + context tokens once and the K class suffixes against their
       cached keys and values (`CLIPModule.encode_text_shared_prefix`): the same features for
       1 + n_ctx + K * S tokens instead of K * (1 + n_ctx + S). Otherwise the K full (cut) sequences.
-    class_sharding: a `NamedSharding` that splits the first axis over devices: the K prompts are padded to
-      a multiple of the shard count and each device encodes its share; the features come back replicated.
+      Either way, rows whose end-of-text comes earlier may be encoded in a shorter batch (`length_buckets`).
+    class_sharding: a `NamedSharding` that splits the first axis over devices: the K prompts (each group of
+      them) are padded to a multiple of the shard count and each device encodes its share; the features come
+      back replicated.
     """
-    eot = jnp.asarray(spec.eot_index)
-    k = spec.num_classes
     n_prefix = spec.shared_prefix_len if shared_prefix and ctx.ndim == 2 else 1
     prefix = None
     if n_prefix > 1:  # every row's first n_prefix embeddings are row 0's
         prefix, rows = _split_at_prefix(frozen_embeds, ctx, spec.ctx_positions, n_prefix)
-        eot = eot - n_prefix
+        eot = np.asarray(spec.eot_index) - n_prefix
     else:
         rows = assemble(frozen_embeds, ctx, jnp.asarray(spec.ctx_positions))
-    if class_sharding is not None:
-        shards = class_sharding.mesh.shape[class_sharding.spec[0]]
-        pad = -k % shards  # copies of the first prompt, dropped after encoding
-        rows = jnp.concatenate([rows, jnp.broadcast_to(rows[:1], (pad, *rows.shape[1:]))])
-        eot = jnp.concatenate([eot, jnp.broadcast_to(eot[:1], (pad,))])
-        rows = jax.lax.with_sharding_constraint(rows, class_sharding)
-        eot = jax.lax.with_sharding_constraint(eot, class_sharding)
+        eot = np.asarray(spec.eot_index)
     variables = {"params": clip_params}
-    if prefix is not None:
-        out = module.apply(variables, prefix, rows, eot, method="encode_text_shared_prefix")
-    else:
-        out = module.apply(variables, rows, eot, method="encode_text_embeddings")
-    out = out[:k]
+
+    def encode(rows, eot):
+        eot = jnp.asarray(eot)
+        if prefix is not None:
+            return module.apply(variables, prefix, rows, eot, method="encode_text_shared_prefix")
+        return module.apply(variables, rows, eot, method="encode_text_embeddings")
+
     if class_sharding is not None:
-        out = jax.lax.with_sharding_constraint(
-            out, jax.sharding.NamedSharding(class_sharding.mesh, jax.sharding.PartitionSpec())
-        )
-    return out
+        encode = functools.partial(_sharded, encode, class_sharding)
+    groups = length_buckets(eot + 1, BUCKET_COST)
+    if len(groups) == 1:
+        return encode(rows, eot)
+    # The causal tower gives a row the same features whatever follows its end-of-text token.
+    out = jnp.concatenate([encode(rows[g, : eot[g].max() + 1], eot[g]) for g in groups])
+    return out[np.argsort(np.concatenate(groups))]
+
+
+def _sharded(encode, class_sharding, rows, eot: np.ndarray):
+    """`encode` with the rows split over the devices: padded to a multiple of the shard count (copies of the
+    first row, dropped after encoding), each device encoding its share; the features come back replicated."""
+    k = rows.shape[0]
+    shards = class_sharding.mesh.shape[class_sharding.spec[0]]
+    pad = -k % shards
+    rows = jnp.concatenate([rows, jnp.broadcast_to(rows[:1], (pad, *rows.shape[1:]))])
+    eot = np.concatenate([eot, np.broadcast_to(eot[:1], (pad,))])
+    rows = jax.lax.with_sharding_constraint(rows, class_sharding)
+    eot = jax.lax.with_sharding_constraint(jnp.asarray(eot), class_sharding)
+    out = encode(rows, eot)[:k]
+    return jax.lax.with_sharding_constraint(
+        out, jax.sharding.NamedSharding(class_sharding.mesh, jax.sharding.PartitionSpec())
+    )
