@@ -9,6 +9,7 @@ shapes with random weights, so it needs no checkpoint and no data:
   python -m dspt_jax.bench --estimate=caltech101  # wall time of a whole CoOp run in each feature mode
   python -m dspt_jax.bench --text=shared_prefix,full --dtype=float32,bfloat16   # effect of each option
   python -m dspt_jax.bench --backbone=rn50 --image_tower   # OpenAI's RN50 shapes; image tower alone too
+  python -m dspt_jax.bench --runs=1,36 --estimate=caltech101  # also 36 runs in one step (a sweep's grid)
 
 Per case it prints steps/s and images/s (median over `--repeats` timed windows of `--steps` steps, after a
 warm-up step; compilation timed apart), the step's FLOPs per device from XLA's cost analysis, the achieved
@@ -21,6 +22,9 @@ Options of the step (each a comma-separated list; the cases are their product):
   --text shared_prefix | full            the text tower on [SOS] + context once and the K class suffixes
                                          against it, or on K full (cut) sequences
   --dtype float32 | bfloat16             compute dtype of the towers; the loss is float32 either way
+  --runs R                               runs trained together by one step (`train.make_runs_step`, as
+                                         `sweep --vectorize` does): R prompts, alternately CE and DSPT,
+                                         reading `--run_streams` input streams (a grid's seeds)
 With several devices the batch is sharded over them and, unless --noshard_classes, so are the K prompts.
 `--image_tower` also times the image tower alone (forward, batch `--image_tower_batch`): the cost per image
 of feature caches and evaluation, and of every step in `computed` mode.
@@ -40,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dspt_jax import losses, sharding, train
+from dspt_jax import losses, methods, sharding, train
 from dspt_jax.config import default_config
 from dspt_jax.data import classnames as classnames_lib
 from dspt_jax.models import prompt as prompt_lib
@@ -71,6 +75,10 @@ flags.DEFINE_list("image_features", ["cached", "computed"], "computed | cached")
 flags.DEFINE_list("text", ["shared_prefix"], "shared_prefix | full")
 flags.DEFINE_list("dtype", ["float32"], "float32 | bfloat16")
 flags.DEFINE_string("loss", "dspt", "dspt | ce (the reference knows these two)")
+flags.DEFINE_list("runs", ["1"], "runs trained together by one step (e.g. 1,36: a 6 rates x 3 seeds x 2 "
+                  "losses grid); R > 1 alternates CE and DSPT")
+flags.DEFINE_integer("run_streams", 3, "input streams of R > 1 runs (a sweep's seeds: runs of one seed "
+                     "share their images), at most R")
 flags.DEFINE_integer("n_ctx", 16, "context vectors (CoOp: 16)")
 flags.DEFINE_integer("steps", 3, "steps per timed window")
 flags.DEFINE_integer("repeats", 3, "timed windows per case (the median is reported)")
@@ -134,23 +142,33 @@ def _memory(compiled) -> dict:
     return out
 
 
-def make_batch(clip_config, k: int, batch_size: int, image_features: str, seed: int = 0) -> dict:
-    """A random training batch: labels, mask, and images (`computed`) or image features (`cached`)."""
+def make_batch(clip_config, k: int, batch_size: int, image_features: str, seed: int = 0, runs: int = 0,
+               streams: int = 1) -> dict:
+    """A random training batch: labels, mask, and images (`computed`) or image features (`cached`). With
+    `runs` > 0, the batch of that many runs trained together: labels and mask [runs, B], the images of
+    `streams` input streams [streams, B, ...] (`train.make_runs_step`)."""
     if image_features not in IMAGE_FEATURE_MODES:
         raise ValueError(f"--image_features: {image_features!r} is not one of {IMAGE_FEATURE_MODES}")
     rng = np.random.default_rng(seed)
-    batch = {"label": rng.integers(0, k, batch_size).astype(np.int32), "mask": np.ones(batch_size, bool)}
+    lead, images = ((runs,), (streams,)) if runs else ((), ())
+    batch = {"label": rng.integers(0, k, (*lead, batch_size)).astype(np.int32),
+             "mask": np.ones((*lead, batch_size), bool)}
     if image_features == "computed":
         size = clip_config.vision.image_size
-        batch["image"] = rng.normal(size=(batch_size, size, size, 3)).astype(np.float32)
+        batch["image"] = rng.normal(size=(*images, batch_size, size, size, 3)).astype(np.float32)
     else:
-        batch["image_features"] = rng.normal(size=(batch_size, clip_config.projection_dim)).astype(np.float32)
+        batch["image_features"] = rng.normal(size=(*images, batch_size, clip_config.projection_dim)).astype(
+            np.float32)
     return batch
 
 
 def make_case(clip: CLIP, batch: dict, k: int, text: str, *, n_ctx: int = 16, loss: str = "dspt",
               remat_text: bool = False, shard_classes: bool = True, ctx=None, seed: int = 0):
-    """The trainer's step, jitted with its shardings, and its arguments: (step, args, spec)."""
+    """The trainer's step, jitted with its shardings, and its arguments: (step, args, spec). A batch of
+    several runs (`make_batch(runs=R)`) gives the step of R runs trained together instead."""
+    if batch["label"].ndim == 2:
+        return make_runs_case(clip, batch, k, text, n_ctx=n_ctx, remat_text=remat_text,
+                              shard_classes=shard_classes, seed=seed)
     if text not in TEXT_PATHS:
         raise ValueError(f"--text: {text!r} is not one of {TEXT_PATHS}")
     mesh = sharding.make_mesh()
@@ -192,6 +210,53 @@ def make_case(clip: CLIP, batch: dict, k: int, text: str, *, n_ctx: int = 16, lo
     return step, args, spec
 
 
+def make_runs_case(clip: CLIP, batch: dict, k: int, text: str, *, n_ctx: int = 16, remat_text: bool = False,
+                   shard_classes: bool = True, seed: int = 0):
+    """`train.make_runs_step` for R = len(batch["label"]) runs, jitted as `train.jit_runs_step` does: each run
+    its own initial context, alternately CE and DSPT (one program, the loss picked per run), run r reading
+    input stream r % S of the batch's S. Returns (step, args, spec)."""
+    mesh = sharding.make_mesh()
+    n_dev = mesh.devices.size
+    runs, rows = batch["label"].shape
+    streams = len(batch["image" if "image" in batch else "image_features"])
+    sharding.check_batch_size(rows, mesh)
+    repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    config = default_config()
+    spec = prompt_lib.build_prompt_spec(class_names(k), n_ctx)
+    module = CLIPModule(clip.config, dtype=clip.dtype, remat_text=remat_text)
+    tx, _ = train.make_optimizer(config, steps_per_epoch=50)
+    objectives = [methods.plain(losses.get_loss_fn(name)) for name in ("ce", "dspt")]
+    states = []
+    for r in range(runs):
+        ctx = prompt_lib.init_context(jax.random.key(seed + r), spec, clip.config.text.hidden_size)["ctx"]
+        prompt = {"ctx": jnp.asarray(ctx, jnp.float32)}
+        states.append(train.TrainState(step=jnp.zeros((), jnp.int32), prompt=prompt,
+                                       opt_state=tx.init({"prompt": prompt, "clip": clip.params}),
+                                       first_bad_step=jnp.full((), -1, jnp.int32)))
+    step = jax.jit(
+        train.make_runs_step(
+            module,
+            spec,
+            objectives,
+            tx,
+            shared_prefix=text == "shared_prefix",
+            class_sharding=data if shard_classes and n_dev > 1 else None,
+        ),
+        in_shardings=(repl, repl, repl, repl, sharding.run_batch_sharding(mesh), repl),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),
+    )
+    args = (
+        jax.device_put(train.stack_runs(states), repl),
+        jax.device_put(clip.params, repl),
+        jax.device_put(clip.token_embeddings(spec.token_ids), repl),
+        jax.device_put(jnp.arange(runs, dtype=jnp.int32) % len(objectives), repl),
+        sharding.to_global(batch, mesh, sharding.run_batch_sharding(mesh)),
+        jax.device_put(jnp.arange(runs, dtype=jnp.int32) % streams, repl),
+    )
+    return step, args, spec
+
+
 def time_case(step, args, steps: int, repeats: int, compile_only: bool = False) -> dict:
     """Compiles (timed), runs one warm-up step, then times `repeats` windows of `steps` steps. With
     `compile_only`, only the compiled program's FLOPs and memory: no step runs."""
@@ -205,7 +270,7 @@ def time_case(step, args, steps: int, repeats: int, compile_only: bool = False) 
                 "first_loss": nan, **_memory(compiled)}
     state, rest = args[0], args[1:]
     state, m = compiled(state, *rest)
-    first_loss = float(m["loss"])
+    first_loss = float(np.ravel(m["loss"])[0])  # of the first run, with several
 
     def window():
         nonlocal state
@@ -295,6 +360,11 @@ def main(argv):
         raise app.UsageError("--compile_only times nothing: it goes with neither --reference nor --estimate")
     if FLAGS.estimate and FLAGS.estimate not in ESTIMATES:
         raise app.UsageError(f"--estimate={FLAGS.estimate!r}: one of {sorted(ESTIMATES)}")
+    run_counts = [int(r) for r in FLAGS.runs]
+    if min(run_counts) < 1 or FLAGS.run_streams < 1:
+        raise app.UsageError(f"--runs={FLAGS.runs} and --run_streams={FLAGS.run_streams} must be >= 1")
+    if FLAGS.estimate and 1 not in run_counts:
+        run_counts = [1, *run_counts]  # the whole-run estimate is of one run
     ref_module = load_reference() if FLAGS.reference else None
     nums = [int(k) for k in FLAGS.num_classes]
     modes = list(FLAGS.image_features)
@@ -310,14 +380,15 @@ def main(argv):
         print(f"matmul peak ({name}): {p / 1e9:.1f} GFLOP/s per device", flush=True)
 
     cases, clips, references = [], {}, {}
-    header = ("| classes | image features | text | dtype | steps/s | images/s | compile s | GFLOP/step/dev "
+    header = ("| classes | runs | image features | text | dtype | steps/s | images/s | compile s | GFLOP/step/dev "
               "| GFLOP/s | % of peak | temp MB | reference steps/s | ours / reference |")
     rows = []
-    for k, mode, text, dtype in itertools.product(nums, modes, FLAGS.text, FLAGS.dtype):
+    for k, runs, mode, text, dtype in itertools.product(nums, run_counts, modes, FLAGS.text, FLAGS.dtype):
         ref_result, ctx = None, None
         clip = _random_clip(clips, dtype)
-        batch = make_batch(clip.config, k, FLAGS.batch_size, mode)
-        if ref_module is not None:
+        streams = run_streams(runs)
+        batch = make_batch(clip.config, k, FLAGS.batch_size, mode, runs=runs if runs > 1 else 0, streams=streams)
+        if ref_module is not None and runs == 1:
             # Its random CLIP and context become ours, so both steps start from the same loss. Timed once
             # per (classes, image features, dtype): our text options do not change it.
             if (k, mode, dtype) not in references:
@@ -332,9 +403,11 @@ def main(argv):
         case = {
             "backbone": FLAGS.backbone, "num_classes": k, "batch_size": FLAGS.batch_size,
             "image_features": mode, "text": text, "dtype": dtype, "devices": jax.device_count(),
-            "text_tokens": prompt_lib.text_tokens(spec, shared_prefix=text == "shared_prefix"),
+            "runs": runs, "input_streams": streams,
+            "text_tokens": runs * prompt_lib.text_tokens(spec, shared_prefix=text == "shared_prefix"),
             **r,
-            "images_per_s": r["steps_per_s"] * FLAGS.batch_size,
+            "run_steps_per_s": runs * r["steps_per_s"],
+            "images_per_s": r["steps_per_s"] * FLAGS.batch_size * streams,
             "flops_per_s_per_device": achieved,
             "fraction_of_peak": achieved / peaks[dtype],
         }
@@ -344,13 +417,13 @@ def main(argv):
             case["first_loss_difference"] = abs(r["first_loss"] - ref_result["first_loss"])
         cases.append(case)
         rows.append(
-            f"| {k} | {mode} | {text} | {dtype} | {_fmt(case['steps_per_s'])} | {_fmt(case['images_per_s'])} "
+            f"| {k} | {runs} | {mode} | {text} | {dtype} | {_fmt(case['steps_per_s'])} | {_fmt(case['images_per_s'])} "
             f"| {_fmt(r['compile_s'])} | {_fmt(r['flops_per_device'] / 1e9)} | {_fmt(achieved / 1e9)} "
             f"| {_fmt(100 * case['fraction_of_peak'], '.1f')} | {_fmt(r.get('compiled_temp_mb'), '.0f')} "
             f"| {_fmt(ref_result and ref_result['steps_per_s'])} "
             f"| {_fmt(case.get('speedup_vs_reference'), '.2f')} |"
         )
-        print(rows[-1] if len(rows) > 1 else header + "\n|" + "---|" * 13 + "\n" + rows[-1], flush=True)
+        print(rows[-1] if len(rows) > 1 else header + "\n|" + "---|" * 14 + "\n" + rows[-1], flush=True)
         if ref_result is not None:
             print(f"  first-step loss: ours {r['first_loss']:.6f}, reference {ref_result['first_loss']:.6f}",
                   flush=True)
@@ -374,6 +447,11 @@ def main(argv):
     print(json.dumps(summary))
 
 
+def run_streams(runs: int) -> int:
+    """Input streams of `runs` runs trained together (1 for one run)."""
+    return min(runs, FLAGS.run_streams)
+
+
 def _random_clip(clips: dict, dtype: str) -> CLIP:
     if dtype not in clips:
         clips[dtype] = init_clip(PRESETS[FLAGS.backbone], rng=0, dtype=DTYPES[dtype])
@@ -387,24 +465,39 @@ def estimate(name: str, cases: list[dict], clip: CLIP) -> dict:
     train_size = k * SHOTS
     steps = epochs * (train_size // FLAGS.batch_size)
     rate = image_encode_rate(clip)
-    # The step times of the first --text and --dtype given.
-    step_s = {c["image_features"]: c["step_s"] for c in cases
-              if (c["text"], c["dtype"]) == (FLAGS.text[0], FLAGS.dtype[0])}
-    # Evaluation encodes the test split once (zero-shot and final share it) and the training set once (the
-    # `cached` features are those very ones).
-    modes = {
-        "computed": steps * step_s["computed"] + (test + train_size) / rate,
-        "cached": steps * step_s["cached"] + (test + train_size) / rate,
-        **{f"views:{n}": steps * step_s["cached"] + (test + (n + 1) * train_size) / rate for n in (10, 50)},
-    }
+    def wall_times(runs: int) -> dict:
+        # The step times of the first --text and --dtype given, for `runs` runs per step.
+        step_s = {c["image_features"]: c["step_s"] for c in cases
+                  if (c["text"], c["dtype"], c["runs"]) == (FLAGS.text[0], FLAGS.dtype[0], runs)}
+        # Evaluation encodes the test split once (zero-shot and final share it, and so do runs trained
+        # together) and each input stream's training set once (the `cached` features are those very ones).
+        streams = run_streams(runs)
+        return {
+            "computed": steps * step_s["computed"] + (test + streams * train_size) / rate,
+            "cached": steps * step_s["cached"] + (test + streams * train_size) / rate,
+            **{f"views:{n}": steps * step_s["cached"] + (test + streams * (n + 1) * train_size) / rate
+               for n in (10, 50)},
+        }
+
     out = {"dataset": name, "classes": k, "train_images": train_size, "test_images": test, "epochs": epochs,
            "steps": steps, "image_encode_per_s": rate,
-           "wall_time_s": modes}
+           "wall_time_s": wall_times(1)}
     print(f"\nWhole {epochs}-epoch {SHOTS}-shot CoOp run on {name} ({k} classes, {steps} steps of "
           f"{FLAGS.batch_size}, {test} test images; image tower {rate:.1f} images/s), {FLAGS.text[0]}, "
           f"{FLAGS.dtype[0]}:")
     for mode, seconds in out["wall_time_s"].items():
-        print(f"  {mode:10s} {seconds / 60:8.1f} min")
+        print(f"  {mode:10s} {seconds / 60:8.2f} min")
+    grids = sorted({c["runs"] for c in cases} - {1})
+    if grids:
+        out["grid_wall_time_s"] = {}
+    for runs in grids:
+        # A sweep's grid of `runs` points in one program (`sweep --vectorize`), against one after another.
+        together = wall_times(runs)
+        out["grid_wall_time_s"][str(runs)] = together
+        print(f"A grid of {runs} such runs ({run_streams(runs)} input streams) in one program, against one "
+              "after another:")
+        for mode, seconds in together.items():
+            print(f"  {mode:10s} {seconds / 60:8.2f} min  ({runs * out['wall_time_s'][mode] / 60:.2f} min)")
     return out
 
 

@@ -323,7 +323,7 @@ def make_train_step(
 
     def train_step(state: TrainState, clip_params, frozen_embeds, batch):
         runs, step_metrics = runs_step(
-            _stack_runs([state]), clip_params, frozen_embeds, jnp.zeros(1, jnp.int32), _stack([batch])
+            stack_runs([state]), clip_params, frozen_embeds, jnp.zeros(1, jnp.int32), _stack([batch])
         )
         return _run_state(runs, 0), _take(step_metrics, 0)
 
@@ -907,7 +907,7 @@ def _stack(trees, xp=jnp):
     return jax.tree.map(lambda *xs: xp.stack(xs), *trees)
 
 
-def _stack_runs(states: list[TrainState]) -> TrainState:
+def stack_runs(states: list[TrainState]) -> TrainState:
     """Single-run states at one step -> the R-run state (`make_runs_step`)."""
     return TrainState(
         step=states[0].step,
@@ -1002,7 +1002,7 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
         checkpointing.Checkpointer(files.join(r.workdir, "checkpoints"), r.config.checkpoint_every_steps)
         for r in runs
     ]
-    state = jax.device_put(_stack_runs(_restore(runs, checkpointers, states)), lead.repl)
+    state = jax.device_put(stack_runs(_restore(runs, checkpointers, states)), lead.repl)
     step, total = int(state.step), lead.total_steps
     pcount = jax.process_count()
     # Runs of one seed and training set (a sweep's noise rates and losses: the noise flips labels, not the

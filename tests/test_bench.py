@@ -37,7 +37,34 @@ def test_tiny_bench_with_reference_and_estimate():
     estimate = summary["estimate"]
     assert estimate["steps"] == 200 * (10 * 16 // 8)
     assert set(estimate["wall_time_s"]) == {"computed", "cached", "views:10", "views:50"}
-    assert "| classes | image features |" in proc.stdout and "Whole 200-epoch" in proc.stdout
+    assert "| classes | runs | image features |" in proc.stdout and "Whole 200-epoch" in proc.stdout
+
+
+def test_runs_trained_together_and_the_grid_estimate():
+    """--runs=3: the step of 3 runs trained together (`train.make_runs_step`, 2 input streams), and the
+    estimate of a grid of 3 runs in one program beside the single run's."""
+    cmd = [
+        sys.executable, "-m", "dspt_jax.bench", "--backbone=tiny", "--estimate=eurosat", "--runs=3",
+        "--run_streams=2", "--batch_size=8", "--steps=1", "--repeats=1", "--peak_size=256",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    by = {(c["runs"], c["image_features"]): c for c in summary["cases"]}
+    assert set(by) == {(r, m) for r in (1, 3) for m in ("cached", "computed")}  # --estimate adds the 1
+    for mode in ("cached", "computed"):
+        one, three = by[1, mode], by[3, mode]
+        assert (one["input_streams"], three["input_streams"]) == (1, 2)
+        assert three["text_tokens"] == 3 * one["text_tokens"]
+        assert three["run_steps_per_s"] == 3 * three["steps_per_s"] > 0
+        assert three["flops_per_device"] > one["flops_per_device"]
+        assert 0 < three["first_loss"] < 10  # the first run's: CE over 10 classes from a random prompt
+    # Two streams of 8 images through the image tower, not three.
+    assert by[3, "computed"]["images_per_s"] == 16 * by[3, "computed"]["steps_per_s"]
+    grid = summary["estimate"]["grid_wall_time_s"]["3"]
+    assert set(grid) == set(summary["estimate"]["wall_time_s"]) and min(grid.values()) > 0
+    assert "A grid of 3 such runs (2 input streams) in one program" in proc.stdout
 
 
 def test_bad_bench_flags_fail_clearly():

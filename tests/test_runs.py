@@ -72,7 +72,7 @@ def _together(clip, spec, tx, states, batches, loss_names, steps, stream_ids=Non
     """The runs stepped together; `stream_ids`: run r reads the images of `batches[stream_ids[r]]` (each
     distinct one passed once, as the trainer passes one input stream's images)."""
     frozen = clip.token_embeddings(spec.token_ids)
-    runs = train._stack_runs(states)  # one step counter for all
+    runs = train.stack_runs(states)  # one step counter for all
     loss_ids = jnp.asarray([LOSSES.index(n) for n in loss_names], jnp.int32)
     step = jax.jit(train.make_runs_step(clip.module, spec, [methods.plain(losses.get_loss_fn(n)) for n in LOSSES],
                                         tx))
@@ -145,7 +145,7 @@ step = jax.jit(
     train.make_runs_step(clip.module, spec, [methods.plain(losses.get_loss_fn(n)) for n in T.LOSSES], tx,
                          class_sharding=sharding.batch_sharding(mesh)),
     in_shardings=(repl, repl, repl, repl, examples), out_shardings=(repl, repl))
-runs = train._stack_runs(states)
+runs = train.stack_runs(states)
 batch = jax.device_put(train._stack(batches), examples)
 loss_ids = jnp.asarray([T.LOSSES.index(n) for n in names], jnp.int32)
 frozen = clip.token_embeddings(spec.token_ids)
