@@ -30,31 +30,32 @@ class CoOpStep:
       ctx: float [n_ctx, D] initial context.
       loss: "dspt" or "ce".
       dtype: torch dtype of the towers (the loss is computed in float32).
+      device: where it runs ("cpu", "cuda"); the weights are initialized on the CPU either way.
     """
 
     def __init__(self, hf_config: dict, token_ids: np.ndarray, ctx: np.ndarray, loss: str = "dspt",
-                 dtype=torch.float32, seed: int = 0):
+                 dtype=torch.float32, seed: int = 0, device: str = "cpu"):
         torch.manual_seed(seed)
         self.model = transformers.CLIPModel(transformers.CLIPConfig(**hf_config)).eval()
         self.model.requires_grad_(False)
-        self.model.to(dtype)
-        self.dtype = dtype
+        self.model.to(device=device, dtype=dtype)
+        self.dtype, self.device = dtype, device
         n_ctx = ctx.shape[0]
-        self.token_ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long)
+        self.token_ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long, device=device)
         self.eot = self.token_ids.argmax(-1)
         with torch.no_grad():
             embedding = self.model.text_model.embeddings.token_embedding(self.token_ids)
         self.token_prefix = embedding[:, :1]  # [SOS]
         self.token_suffix = embedding[:, 1 + n_ctx :]  # class name, ".", [EOT], padding
-        self.ctx = torch.nn.Parameter(torch.as_tensor(np.asarray(ctx), dtype=torch.float32))
+        self.ctx = torch.nn.Parameter(torch.as_tensor(np.asarray(ctx), dtype=torch.float32, device=device))
         length = self.token_ids.shape[1]
-        self.causal_mask = torch.full((length, length), float("-inf")).triu(1)[None, None].to(dtype)
+        self.causal_mask = torch.full((length, length), float("-inf"), device=device).triu(1)[None, None].to(dtype)
         self.loss = loss
         self.optimizer = torch.optim.SGD([self.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
 
     def state_dict_numpy(self) -> dict[str, np.ndarray]:
         """The CLIP weights, float32 numpy under transformers' names (for `torch_to_flax`)."""
-        return {k: v.detach().float().numpy() for k, v in self.model.state_dict().items()}
+        return {k: v.detach().float().cpu().numpy() for k, v in self.model.state_dict().items()}
 
     def class_features(self) -> torch.Tensor:
         k = self.token_ids.shape[0]
@@ -67,7 +68,7 @@ class CoOpStep:
         return self.model.text_projection(x[torch.arange(k), self.eot]).float()
 
     def image_features(self, pixels_nhwc: np.ndarray) -> torch.Tensor:
-        pixels = torch.as_tensor(np.asarray(pixels_nhwc)).permute(0, 3, 1, 2).to(self.dtype)
+        pixels = torch.as_tensor(np.asarray(pixels_nhwc), device=self.device).permute(0, 3, 1, 2).to(self.dtype)
         with torch.no_grad():
             pooled = self.model.vision_model(pixel_values=pixels).pooler_output
             return self.model.visual_projection(pooled).float()
@@ -78,8 +79,8 @@ class CoOpStep:
         if images is not None:
             feats = self.image_features(images)
         else:
-            feats = torch.as_tensor(np.asarray(image_features), dtype=torch.float32)
-        y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+            feats = torch.as_tensor(np.asarray(image_features), dtype=torch.float32, device=self.device)
+        y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device)
         text = self.class_features()
         scale = self.model.logit_scale.exp().float()
         logits = scale * F.normalize(feats, dim=-1) @ F.normalize(text, dim=-1).t()
@@ -92,4 +93,4 @@ class CoOpStep:
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        return loss.item()
+        return loss.item()  # a sync per step, as CoOp's trainer logging the loss

@@ -328,8 +328,10 @@ def reference_case(ref_module, clip_config, k: int, batch: dict, image_features:
     prompts = [" ".join(["X"] * n_ctx) + f" {name}." for name in class_names(k)]
     ctx = 0.02 * np.random.default_rng(seed).normal(size=(n_ctx, clip_config.text.hidden_size))
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    # On a GPU the reference runs on it too (when torch sees one).
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     ref = ref_module.CoOpStep(clip_config.to_hf_dict(), tok_lib.tokenize(prompts), ctx.astype(np.float32),
-                              loss=loss, dtype=torch_dtype, seed=seed)
+                              loss=loss, dtype=torch_dtype, seed=seed, device=device)
     params = _check_and_unflatten(torch_to_flax(ref.state_dict_numpy()), clip_config, "the reference")
     kwargs = {"labels": batch["label"]}
     if image_features == "computed":
@@ -338,7 +340,7 @@ def reference_case(ref_module, clip_config, k: int, batch: dict, image_features:
         kwargs["image_features"] = batch["image_features"]
     first_loss = ref.step(**kwargs)  # warm-up; its loss is checked against ours
     seconds = _median_seconds(lambda: [ref.step(**kwargs) for _ in range(steps)], repeats) / steps
-    return {"step_s": seconds, "steps_per_s": 1 / seconds, "first_loss": first_loss}, params, ctx
+    return {"step_s": seconds, "steps_per_s": 1 / seconds, "first_loss": first_loss, "device": device}, params, ctx
 
 
 def _fmt(x, spec=".3g"):
