@@ -166,11 +166,11 @@ def make_case(clip: CLIP, batch: dict, k: int, text: str, *, n_ctx: int = 16, lo
               remat_text: bool = False, shard_classes: bool = True, ctx=None, seed: int = 0):
     """The trainer's step, jitted with its shardings, and its arguments: (step, args, spec). A batch of
     several runs (`make_batch(runs=R)`) gives the step of R runs trained together instead."""
+    if text not in TEXT_PATHS:
+        raise ValueError(f"--text: {text!r} is not one of {TEXT_PATHS}")
     if batch["label"].ndim == 2:
         return make_runs_case(clip, batch, k, text, n_ctx=n_ctx, remat_text=remat_text,
                               shard_classes=shard_classes, seed=seed)
-    if text not in TEXT_PATHS:
-        raise ValueError(f"--text: {text!r} is not one of {TEXT_PATHS}")
     mesh = sharding.make_mesh()
     n_dev = mesh.devices.size
     sharding.check_batch_size(len(batch["label"]), mesh)
@@ -467,6 +467,7 @@ def estimate(name: str, cases: list[dict], clip: CLIP) -> dict:
     train_size = k * SHOTS
     steps = epochs * (train_size // FLAGS.batch_size)
     rate = image_encode_rate(clip)
+
     def wall_times(runs: int) -> dict:
         # The step times of the first --text and --dtype given, for `runs` runs per step.
         step_s = {c["image_features"]: c["step_s"] for c in cases

@@ -260,8 +260,8 @@ def length_buckets(lengths, bucket_cost: float = BUCKET_COST) -> list[np.ndarray
     k = len(lengths)
     values, counts = np.unique(lengths, return_counts=True)
     overhead = bucket_cost * k * values[-1]
-    # best[j]: the cheapest grouping of the j shortest distinct lengths; a group ending at length j - 1
-    # pads its rows to values[j - 1].
+    # best[j]: the cheapest grouping of the rows with one of the j shortest distinct lengths; cut[j]: where
+    # its last group starts (that group pads its rows to values[j - 1]).
     best, cut = np.zeros(len(values) + 1), np.zeros(len(values) + 1, np.int64)
     below = np.concatenate([[0], np.cumsum(counts)])  # rows with one of the first j distinct lengths
     for j in range(1, len(values) + 1):
@@ -284,8 +284,7 @@ def text_tokens(spec: PromptSpec, shared_prefix: bool = True) -> int:
     sharding): the shared prefix once, and each group of rows (`length_buckets`) at its longest length."""
     n_prefix = spec.shared_prefix_len if shared_prefix and spec.shared_prefix_len > 1 else 0
     lengths = np.asarray(spec.eot_index) + 1 - n_prefix
-    return n_prefix + sum(len(g) * int(lengths[g].max())
-                                           for g in length_buckets(lengths, BUCKET_COST))
+    return n_prefix + sum(len(g) * int(lengths[g].max()) for g in length_buckets(lengths, BUCKET_COST))
 
 
 def class_features(
@@ -298,8 +297,8 @@ def class_features(
     shared_prefix: bool = True,
     class_sharding=None,
 ) -> jax.Array:
-    """The K class features [K, D] (projected, float32) of the prompts with context `ctx`: one pass of the
-    text tower over all classes, differentiable w.r.t. `ctx`.
+    """The K class features [K, D] (projected, float32) of the prompts with context `ctx`: the text tower over
+    all classes at once (one batch per group of row lengths), differentiable w.r.t. `ctx`.
 
     shared_prefix: with a shared context and `spec.shared_prefix_len` > 1 (the class token at the end or in
       the middle), encode the common [SOS] + context tokens once and the K class suffixes against their
