@@ -39,6 +39,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli.setup_console()  # before the run imports TensorFlow: it reads its log level once, at import
+    cli.one_thread_per_tensorflow_op()
     hostmem.keep_freed_memory()  # before the first big allocations
     with cli.reporting_refusals("rerun with the same workdir to resume from its last checkpoint."):
         _run()

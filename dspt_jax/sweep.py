@@ -541,6 +541,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli_lib.setup_console()  # before the points import TensorFlow: it reads its log level once, at import
+    cli_lib.one_thread_per_tensorflow_op()
     hostmem.keep_freed_memory()  # before the first big allocations
     # What cli() leaves uncaught (missing inputs, Ctrl-C, SIGTERM) becomes a message and an exit status.
     with cli_lib.reporting_refusals("rerun the same command to resume."):

@@ -179,6 +179,15 @@ def test_native_log_level_follows_verbosity():
     assert [cli.native_log_level(v) for v in (2, 1, 0, -1, -2, -3, -9)] == ["0", "0", "0", "1", "2", "3", "3"]
 
 
+def test_tensorflow_ops_on_one_thread_unless_the_environment_says(monkeypatch):
+    monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
+    cli.one_thread_per_tensorflow_op()
+    assert os.environ["TF_NUM_INTRAOP_THREADS"] == "1"
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "4")
+    cli.one_thread_per_tensorflow_op()
+    assert os.environ["TF_NUM_INTRAOP_THREADS"] == "4"
+
+
 def test_sweep_debug_flag_logs_the_traceback(tmp_path, monkeypatch, caplog):
     from dspt_jax import sweep
 
