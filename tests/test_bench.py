@@ -9,14 +9,19 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_tiny_bench_with_reference_and_estimate():
-    cmd = [
-        sys.executable, "-m", "dspt_jax.bench", "--backbone=tiny", "--estimate=eurosat", "--reference",
-        "--batch_size=8", "--steps=1", "--repeats=1", "--text=shared_prefix,full", "--peak_size=256",
-    ]
+def _tiny_bench(*flags: str) -> subprocess.CompletedProcess:
+    """`python -m dspt_jax.bench` on the tiny backbone, batch 8, one step, on the CPU (later flags win); must
+    succeed."""
+    cmd = [sys.executable, "-m", "dspt_jax.bench", "--backbone=tiny", "--batch_size=8", "--steps=1",
+           "--repeats=1", "--peak_size=256", *flags]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_tiny_bench_with_reference_and_estimate():
+    proc = _tiny_bench("--estimate=eurosat", "--reference", "--text=shared_prefix,full")
     lines = proc.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
     cases = summary["cases"]
@@ -43,13 +48,7 @@ def test_tiny_bench_with_reference_and_estimate():
 def test_runs_trained_together_and_the_grid_estimate():
     """--runs=3: the step of 3 runs trained together (`train.make_runs_step`, 2 input streams), and the
     estimate of a grid of 3 runs in one program beside the single run's."""
-    cmd = [
-        sys.executable, "-m", "dspt_jax.bench", "--backbone=tiny", "--estimate=eurosat", "--runs=3",
-        "--run_streams=2", "--batch_size=8", "--steps=1", "--repeats=1", "--peak_size=256",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _tiny_bench("--estimate=eurosat", "--runs=3", "--run_streams=2")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     by = {(c["runs"], c["image_features"]): c for c in summary["cases"]}
     assert set(by) == {(r, m) for r in (1, 3) for m in ("cached", "computed")}  # --estimate adds the 1
@@ -76,12 +75,7 @@ def test_bad_bench_flags_fail_clearly():
 
 
 def test_compile_only_reports_per_device_flops_as_strict_json():
-    proc = subprocess.run(
-        [sys.executable, "-m", "dspt_jax.bench", "--backbone=tiny", "--num_classes=10", "--batch_size=8",
-         "--image_features=cached", "--compile_only", "--peak_size=256"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _tiny_bench("--num_classes=10", "--image_features=cached", "--compile_only")
 
     def no_nan(name):
         raise AssertionError(f"{name} in the JSON line")
@@ -92,12 +86,7 @@ def test_compile_only_reports_per_device_flops_as_strict_json():
 
 
 def test_resnet_bench_times_the_image_tower():
-    proc = subprocess.run(
-        [sys.executable, "-m", "dspt_jax.bench", "--backbone=tiny_rn", "--num_classes=10", "--batch_size=8",
-         "--steps=1", "--repeats=1", "--image_tower", "--image_tower_batch=4", "--peak_size=256"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _tiny_bench("--backbone=tiny_rn", "--num_classes=10", "--image_tower", "--image_tower_batch=4")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {c["image_features"] for c in summary["cases"]} == {"cached", "computed"}
     assert all(c["steps_per_s"] > 0 for c in summary["cases"])
