@@ -162,96 +162,57 @@ def make_batch(clip_config, k: int, batch_size: int, image_features: str, seed: 
     return batch
 
 
-def make_case(clip: CLIP, batch: dict, k: int, text: str, *, n_ctx: int = 16, loss: str = "dspt",
-              remat_text: bool = False, shard_classes: bool = True, ctx=None, seed: int = 0):
-    """The trainer's step, jitted with its shardings, and its arguments: (step, args, spec). A batch of
-    several runs (`make_batch(runs=R)`) gives the step of R runs trained together instead."""
-    if text not in TEXT_PATHS:
-        raise ValueError(f"--text: {text!r} is not one of {TEXT_PATHS}")
-    if batch["label"].ndim == 2:
-        return make_runs_case(clip, batch, k, text, n_ctx=n_ctx, remat_text=remat_text,
-                              shard_classes=shard_classes, seed=seed)
-    mesh = sharding.make_mesh()
-    n_dev = mesh.devices.size
-    sharding.check_batch_size(len(batch["label"]), mesh)
-    repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    config = default_config()
-    spec = prompt_lib.build_prompt_spec(class_names(k), n_ctx)
-    module = CLIPModule(clip.config, dtype=clip.dtype, remat_text=remat_text)
-    tx, _ = train.make_optimizer(config, steps_per_epoch=50)
-    if ctx is None:
-        ctx = prompt_lib.init_context(jax.random.key(seed), spec, clip.config.text.hidden_size)["ctx"]
+def _initial_state(clip: CLIP, tx, ctx) -> train.TrainState:
     prompt = {"ctx": jnp.asarray(ctx, jnp.float32)}
-    state = train.TrainState(
+    return train.TrainState(
         step=jnp.zeros((), jnp.int32),
         prompt=prompt,
         opt_state=tx.init({"prompt": prompt, "clip": clip.params}),
         first_bad_step=jnp.full((), -1, jnp.int32),
     )
-    step = jax.jit(
-        train.make_train_step(
-            module,
-            spec,
-            losses.get_loss_fn(loss),
-            tx,
-            shared_prefix=text == "shared_prefix",
-            class_sharding=data if shard_classes and n_dev > 1 else None,
-        ),
-        in_shardings=(repl, repl, repl, data),
-        out_shardings=(repl, repl),
-        donate_argnums=(0,),
-    )
-    args = (
-        jax.device_put(state, repl),
-        jax.device_put(clip.params, repl),
-        jax.device_put(clip.token_embeddings(spec.token_ids), repl),
-        sharding.to_global(batch, mesh),
-    )
-    return step, args, spec
 
 
-def make_runs_case(clip: CLIP, batch: dict, k: int, text: str, *, n_ctx: int = 16, remat_text: bool = False,
-                   shard_classes: bool = True, seed: int = 0):
-    """`train.make_runs_step` for R = len(batch["label"]) runs, jitted as `train.jit_runs_step` does: each run
-    its own initial context, alternately CE and DSPT (one program, the loss picked per run), run r reading
-    input stream r % S of the batch's S. Returns (step, args, spec)."""
+def make_case(clip: CLIP, batch: dict, k: int, text: str, *, n_ctx: int = 16, loss: str = "dspt",
+              remat_text: bool = False, shard_classes: bool = True, ctx=None, seed: int = 0):
+    """The trainer's step, jitted with its shardings, and its arguments: (step, args, spec).
+
+    A batch of several runs (`make_batch(runs=R)`: labels [R, B]) gives the step of R runs trained together
+    instead (`train.make_runs_step`, jitted as `train.jit_runs_step` does): each run its own initial context,
+    alternately CE and DSPT (one program, the loss picked per run; `loss` and `ctx` are for one run), run r
+    reading input stream r % S of the batch's S."""
+    if text not in TEXT_PATHS:
+        raise ValueError(f"--text: {text!r} is not one of {TEXT_PATHS}")
     mesh = sharding.make_mesh()
-    n_dev = mesh.devices.size
-    runs, rows = batch["label"].shape
-    streams = len(batch["image" if "image" in batch else "image_features"])
-    sharding.check_batch_size(rows, mesh)
+    sharding.check_batch_size(batch["label"].shape[-1], mesh)
     repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    config = default_config()
     spec = prompt_lib.build_prompt_spec(class_names(k), n_ctx)
     module = CLIPModule(clip.config, dtype=clip.dtype, remat_text=remat_text)
-    tx, _ = train.make_optimizer(config, steps_per_epoch=50)
+    tx, _ = train.make_optimizer(default_config(), steps_per_epoch=50)
+    text_options = dict(shared_prefix=text == "shared_prefix",
+                        class_sharding=data if shard_classes and mesh.devices.size > 1 else None)
+    clip_args = (jax.device_put(clip.params, repl), jax.device_put(clip.token_embeddings(spec.token_ids), repl))
+
+    def context(s):
+        return prompt_lib.init_context(jax.random.key(s), spec, clip.config.text.hidden_size)["ctx"]
+
+    if batch["label"].ndim == 1:
+        state = _initial_state(clip, tx, context(seed) if ctx is None else ctx)
+        step = jax.jit(train.make_train_step(module, spec, losses.get_loss_fn(loss), tx, **text_options),
+                       in_shardings=(repl, repl, repl, data), out_shardings=(repl, repl), donate_argnums=(0,))
+        return step, (jax.device_put(state, repl), *clip_args, sharding.to_global(batch, mesh)), spec
+    runs = len(batch["label"])
+    streams = len(batch["image" if "image" in batch else "image_features"])
     objectives = [methods.plain(losses.get_loss_fn(name)) for name in ("ce", "dspt")]
-    states = []
-    for r in range(runs):
-        ctx = prompt_lib.init_context(jax.random.key(seed + r), spec, clip.config.text.hidden_size)["ctx"]
-        prompt = {"ctx": jnp.asarray(ctx, jnp.float32)}
-        states.append(train.TrainState(step=jnp.zeros((), jnp.int32), prompt=prompt,
-                                       opt_state=tx.init({"prompt": prompt, "clip": clip.params}),
-                                       first_bad_step=jnp.full((), -1, jnp.int32)))
-    step = jax.jit(
-        train.make_runs_step(
-            module,
-            spec,
-            objectives,
-            tx,
-            shared_prefix=text == "shared_prefix",
-            class_sharding=data if shard_classes and n_dev > 1 else None,
-        ),
-        in_shardings=(repl, repl, repl, repl, sharding.run_batch_sharding(mesh), repl),
-        out_shardings=(repl, repl),
-        donate_argnums=(0,),
-    )
+    state = train.stack_runs([_initial_state(clip, tx, context(seed + r)) for r in range(runs)])
+    examples = sharding.run_batch_sharding(mesh)
+    step = jax.jit(train.make_runs_step(module, spec, objectives, tx, **text_options),
+                   in_shardings=(repl, repl, repl, repl, examples, repl), out_shardings=(repl, repl),
+                   donate_argnums=(0,))
     args = (
-        jax.device_put(train.stack_runs(states), repl),
-        jax.device_put(clip.params, repl),
-        jax.device_put(clip.token_embeddings(spec.token_ids), repl),
+        jax.device_put(state, repl),
+        *clip_args,
         jax.device_put(jnp.arange(runs, dtype=jnp.int32) % len(objectives), repl),
-        sharding.to_global(batch, mesh, sharding.run_batch_sharding(mesh)),
+        sharding.to_global(batch, mesh, examples),
         jax.device_put(jnp.arange(runs, dtype=jnp.int32) % streams, repl),
     )
     return step, args, spec

@@ -268,15 +268,11 @@ def length_buckets(lengths, bucket_cost: float = BUCKET_COST) -> list[np.ndarray
         costs = [best[i] + (below[j] - below[i]) * values[j - 1] + overhead for i in range(j)]
         cut[j] = int(np.argmin(costs))
         best[j] = costs[cut[j]]
-    ends, j = [], len(values)
-    while j > 0:
-        ends.append(j)
+    groups, j = [], len(values)
+    while j > 0:  # the groups back from the longest, each the rows of distinct lengths cut[j] .. j - 1
+        groups.append(np.flatnonzero((lengths >= values[cut[j]]) & (lengths <= values[j - 1])))
         j = cut[j]
-    if len(ends) == 1:
-        return [np.arange(k)]
-    bounds = [0, *sorted(ends)]
-    return [np.flatnonzero((lengths > (values[a - 1] if a else -1)) & (lengths <= values[b - 1]))
-            for a, b in zip(bounds[:-1], bounds[1:])]
+    return groups[::-1]
 
 
 def text_tokens(spec: PromptSpec, shared_prefix: bool = True) -> int:
