@@ -9,6 +9,9 @@ many runs go into one program as fit in a fraction of the memory free on a devic
 * CPU: the host's `MemAvailable` (/proc/meminfo), shared by the process's CPU devices, of which only half
   is counted: the same memory holds the input pipelines, the datasets and the evaluation features.
 
+When R copies of the one-run program fit, R runs do (R x (fixed + per run) is more than they need) and the
+R = 2 program is not compiled: a sweep whose points all fit pays for one probe compile, not two.
+
 The estimate is for plain prompt tuning with one input stream per run (the most images a program can
 hold: runs of one seed share theirs). A method's per-example columns add a few numbers per example.
 """
@@ -45,9 +48,16 @@ class Fit:
     free_bytes: int
     usable_bytes: int
     where: str  # which memory was measured, in words
+    # True: only the one-run program was compiled, and `runs` copies of it fit (`per_run_bytes` is its size,
+    # `fixed_bytes` 0): an upper bound on what `runs` runs need, as each copy counts the shared part again.
+    bound: bool = False
 
     def describe(self) -> str:
         mib = 2**20
+        if self.bound:
+            return (f"all {self.runs} runs in one program: at most {self.runs} x {self.per_run_bytes / mib:.1f} MiB "
+                    f"(the one-run program, XLA's memory analysis) in {self.usable_bytes / mib:.0f} of "
+                    f"{self.free_bytes / mib:.0f} MiB free ({self.where})")
         return (f"{self.runs} runs per program: {self.per_run_bytes / mib:.1f} MiB per run and "
                 f"{self.fixed_bytes / mib:.1f} MiB shared (XLA's memory analysis) in {self.usable_bytes / mib:.0f} "
                 f"of {self.free_bytes / mib:.0f} MiB free ({self.where})")
@@ -129,19 +139,25 @@ def program_bytes(run, tx, num_runs: int) -> int:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def fit_runs(config: ml_collections.ConfigDict, clip) -> Fit:
+def fit_runs(config: ml_collections.ConfigDict, clip, wanted: int | None = None) -> Fit:
     """How many runs of `config`'s setting fit in one program on this process's devices (with several
     processes: the fewest any host can take). `clip`: the loaded CLIP of `config.model.source`. Loads the
-    task (without writing anything) and compiles the step twice."""
+    task (without writing anything) and compiles the step for one run; when `wanted` copies of that program
+    fit, so do `wanted` runs (they share CLIP's weights and the images), and that is the answer; else the
+    step for two runs is compiled too, for the linear model."""
     from dspt_jax import train
 
     free, usable, where = free_memory()  # before set-up puts a copy of CLIP's weights on the devices
     run = train.setup_run(config, None, clip)
     tx, _ = train.make_optimizer(config, run.steps_per_epoch, run.num_epochs)
-    one, two = program_bytes(run, tx, 1), program_bytes(run, tx, 2)
-    per_run = max(two - one, 1)
-    fixed = max(one - per_run, 0)
-    runs = runs_that_fit(fixed, per_run, usable)
+    one = program_bytes(run, tx, 1)
+    if wanted is not None and wanted * one <= usable:
+        fit = Fit(wanted, 0, one, free, usable, where, bound=True)
+    else:
+        per_run = max(program_bytes(run, tx, 2) - one, 1)
+        fixed = max(one - per_run, 0)
+        fit = Fit(runs_that_fit(fixed, per_run, usable), fixed, per_run, free, usable, where)
     if jax.process_count() > 1:  # every host must form the same groups, or they wait on each other forever
-        runs = int(np.min(multihost_utils.process_allgather(np.int32(runs))))
-    return Fit(runs, fixed, per_run, free, usable, where)
+        runs = int(np.min(multihost_utils.process_allgather(np.int32(fit.runs))))
+        fit = dataclasses.replace(fit, runs=runs)
+    return fit

@@ -255,7 +255,7 @@ def _runs_per_program(config: ml_collections.ConfigDict, clips: _ClipCache, num_
     """--max_runs_per_program when not given: as many points as fit in the devices' free memory
     (`capacity.fit_runs`), or all of them when XLA cannot say."""
     try:
-        fit = capacity.fit_runs(config, clips.get(config))
+        fit = capacity.fit_runs(config, clips.get(config), wanted=num_points)
     except NotImplementedError as e:
         log.warning("--max_runs_per_program not given and not estimated (%s): all %d points in one program",
                     e, num_points)

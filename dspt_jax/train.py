@@ -479,7 +479,7 @@ def train_batch_size(config, train_size: int, n_dev: int) -> tuple[int, int]:
 class _StopSignals:
     """Turns Ctrl-C (SIGINT) and SIGTERM (preemption) into a flag checked between steps, so the state is never
     caught mid-update (the train step donates its input state) and a checkpoint of the last finished step can
-    always be written. With several processes the flag is agreed on at log steps (see `stop_requested`); a
+    always be written. With several processes the flag is agreed on at log steps (see `requested`); a
     second Ctrl-C aborts at once, and on one host of several that leaves the others waiting in their next
     collective. `preempted`: a SIGTERM was among the signals. `sigterm=False` leaves SIGTERM to whoever
     handles it already (JAX's preemption service, see `_jax_preemption_service`)."""
@@ -515,6 +515,20 @@ class _StopSignals:
         for s, previous in self._previous.items():
             signal.signal(s, previous)
         return False
+
+    def requested(self, sync_point: bool) -> bool:
+        """Whether to stop after the current step. Ctrl-C on any host stops every host at the same step: a
+        host going on alone would hang in the next collective (a checkpoint save, an evaluation). The hosts
+        agree at `sync_point`s (log steps, where they sync anyway); a single process stops at once."""
+        if jax.process_count() == 1:
+            return self.raised
+        if not sync_point:
+            return False
+        # 0: go on, 1: Ctrl-C, 2: SIGTERM somewhere; every host takes the most urgent.
+        code = np.int32(self.raised) + np.int32(self.preempted)
+        agreed = int(np.max(multihost_utils.process_allgather(code)))
+        self.preempted |= agreed == 2
+        return agreed > 0
 
 
 def _jax_preemption_service(step: int) -> bool:
@@ -978,6 +992,157 @@ def jit_runs_step(run: Run, objectives, tx):
     )
 
 
+class _RunInputs:
+    """The training batches of runs trained together, on the devices. Runs of one seed and training set (a
+    sweep's noise rates and losses: the noise flips labels, not the draw) read the same images in the same
+    order with the same augmentation: one input pipeline, and one image-tower pass per step, per such stream
+    (`input_stream`); each run looks its own labels and per-example columns up by example id."""
+
+    def __init__(self, runs: list[Run], evaluators: list[Evaluator], start_step: int):
+        lead = runs[0]
+        keys = [input_stream(r) for r in runs]
+        streams = list(dict.fromkeys(keys))
+        self.stream_of = [streams.index(k) for k in keys]
+        self.stream_ids = jax.device_put(jnp.asarray(self.stream_of, jnp.int32), lead.repl)
+        self._pipelines = [training_input(runs[r], evaluators[r], start_step) for r in map(keys.index, streams)]
+        self._positions = [_example_positions(run.task.train.ids) for run in runs]  # example id -> row of its task
+        self._labels = [run.task.train.labels.astype(np.int32) for run in runs]
+        self._image_key = "image_features" if lead.feature_mode.cached else "image"
+        self._mesh, self._sharding = lead.mesh, sharding.run_batch_sharding(lead.mesh)
+        self.wait_s = 0.0  # host time blocked getting batches onto the devices, in all
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._pipelines)
+
+    def next(self, columns: list[dict]) -> dict:
+        """The next step's batch, [R, rows, ...] ([S, rows, ...] for the images of the S streams): each
+        run's labels, padding mask and `columns[r]` (its method's per-example columns, in task order)."""
+        t0 = time.time()
+        items = [next(it) for it in self._pipelines]
+        local = _stack([_run_rows(items[s], self._labels[r], columns[r], self._positions[r])
+                        for r, s in enumerate(self.stream_of)], np)  # this host's rows, on the host
+        local[self._image_key] = np.stack([item[self._image_key] for item in items])
+        batch = sharding.to_global(local, self._mesh, self._sharding)
+        self.wait_s += time.time() - t0
+        return batch
+
+    def close(self) -> None:
+        # Shut the endless pipelines down now, not whenever they are collected (a teardown at an unknown later
+        # moment; each one used to wait for tf.data's autotuning thread, now off: sources.without_autotune).
+        for it in self._pipelines:
+            it.close()
+
+
+class _Logbook:
+    """What the training loop reports, per run: a log line and a metrics.jsonl record per log window, the
+    per-epoch test accuracies (kept for results.json) and the methods' selection stats."""
+
+    def __init__(self, runs: list[Run], step: int):
+        self._runs = runs
+        self.writers = [metrics.MetricWriter(r.workdir, enabled=jax.process_index() == 0, resume_step=step)
+                        for r in runs]
+        spe = runs[0].steps_per_epoch
+        # A resumed run: the evaluations made before its checkpoint, as metrics.jsonl kept them (process 0, the
+        # one that writes results.json); the one at the checkpoint's own step came after the save, so it is
+        # made again (the writer does not log it twice).
+        self.epoch_evals = [
+            [{"step": rec["step"], "epoch": rec["step"] // spe, "test_accuracy": rec["test_accuracy"]}
+             for rec in writer.records if "test_accuracy" in rec and rec["step"] < step]
+            for writer in self.writers
+        ]
+        self._window, self._start, self._step, self._wait_s = [], time.time(), step, 0.0
+
+    def start_clock(self) -> None:
+        """The first window's rate counts from now (after the set-up's evaluations)."""
+        self._start = time.time()
+
+    def add(self, step_metrics) -> None:
+        self._window.append(step_metrics)  # still on the devices: read at the window's end
+
+    def write_window(self, step: int, lr: float, wait_s: float) -> None:
+        """The window that ends at `step`: each run's mean metrics, the rate and the share of the window spent
+        waiting for input (`wait_s`: the input's total wait so far)."""
+        lead, runs = self._runs[0], self._runs
+        host = jax.device_get(self._window)  # a host sync
+        elapsed = max(time.time() - self._start, 1e-9)
+        rate = (step - self._step) / elapsed
+        common = dict(lr=lr, steps_per_sec=rate, epoch=(step - 1) // lead.steps_per_epoch,
+                      input_wait_fraction=(wait_s - self._wait_s) / elapsed)
+        for r, (run, writer) in enumerate(zip(runs, self.writers)):
+            scalars = {k: float(np.mean([m[k][r] for m in host])) for k in host[0]}
+            writer.write(step, {**scalars, **common})
+            log.info(
+                "%sstep %d/%d  epoch %d/%d  loss %.4f  train_acc %.3f  lr %.2e  %.2f steps/s  ETA %s",
+                f"[{run.workdir}] " if len(runs) > 1 else "",
+                step,
+                lead.total_steps,
+                common["epoch"] + 1,
+                lead.num_epochs,
+                scalars["loss"],
+                scalars["train_accuracy"],
+                lr,
+                rate,
+                _format_eta((lead.total_steps - step) / rate),
+            )
+        self._window, self._start, self._step, self._wait_s = [], time.time(), step, wait_s
+
+    def write_evaluation(self, r: int, step: int, accuracy: float) -> None:
+        epoch = step // self._runs[0].steps_per_epoch
+        self.epoch_evals[r].append({"step": step, "epoch": epoch, "test_accuracy": accuracy})
+        self.writers[r].write(step, {"test_accuracy": accuracy})
+        log.info("%sepoch %d: test accuracy %.4f", f"[{self._runs[r].workdir}] " * (len(self._runs) > 1), epoch,
+                 accuracy)
+
+    def write_selection(self, r: int, step: int, stats: dict) -> None:
+        self.writers[r].write(step, {f"selection_{k}": v for k, v in stats.items() if v is not None})
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+
+
+def _check_finite(runs: list[Run], state: TrainState) -> None:
+    """Raises FloatingPointError if a run has seen a non-finite loss. A host sync: at log and checkpoint steps."""
+    bad = np.asarray(state.first_bad_step)
+    for r in np.flatnonzero(bad >= 0)[:1]:
+        run = runs[r]
+        raise FloatingPointError(
+            f"Non-finite loss at step {bad[r]} (loss={run.config.loss}, compute_dtype="
+            f"{run.config.model.compute_dtype}). Try compute_dtype=float32 or a lower config.optim.lr; "
+            f"the last finite checkpoint is in {run.workdir}/checkpoints."
+        )
+
+
+def _save(checkpointers, state: TrainState, step: int, force: bool = False) -> None:
+    """Each run's checkpoint of `step` (its slice of the R-run state) in its own workdir."""
+    for r, ckpt in enumerate(checkpointers):
+        ckpt.save(step, _run_state(state, r), force=force)
+
+
+def _evaluate_epoch(evaluators: list[Evaluator], state: TrainState, step: int, logbook: _Logbook) -> None:
+    """Each run's test accuracy under its current prompt, logged as of `step`."""
+    for r, evaluator in enumerate(evaluators):
+        acc = evaluator.metrics(evaluator.class_features(_take(state.prompt, r)))["accuracy"]
+        logbook.write_evaluation(r, step, acc)
+
+
+def _select_epoch(runs: list[Run], evaluators: list[Evaluator], run_methods, state: TrainState, step: int,
+                  logbook: _Logbook, selections: list[list]) -> list[dict]:
+    """Each run's per-example columns for the epoch of `step` (`epoch_selection`); its stats go to
+    `selections` and, at the epoch's first step, to metrics.jsonl (a run resumed mid-epoch logged them then)."""
+    spe = runs[0].steps_per_epoch
+    epoch, into = divmod(step, spe)
+    columns = []
+    for r, (run, evaluator, method) in enumerate(zip(runs, evaluators, run_methods)):
+        cols, stats = epoch_selection(run, evaluator, method, _take(state.prompt, r), epoch, mid_epoch=into != 0)
+        columns.append(cols)
+        selections[r].append(_selection_record(run, epoch, stats))
+        if into == 0:
+            logbook.write_selection(r, step, stats)
+    return columns
+
+
 def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[TrainState], tx, schedule):
     """The training loop of R runs trained together by one jitted step (`make_runs_step`; R = 1 for a single
     run), from their checkpoint (or `states`) to `total_steps`: per run its log lines, metrics.jsonl,
@@ -985,205 +1150,87 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
     raises TrainingInterrupted. The runs share the mesh, CLIP, prompt layout and schedule (`check_group`).
     Returns each run's final single-run state and loop facts."""
     lead = runs[0]
-    config, mesh = lead.config, lead.mesh
-    num_runs = len(runs)
+    config, total, spe = lead.config, lead.total_steps, lead.steps_per_epoch
     run_methods = [methods.get_method(r.config) for r in runs]
-    keys = sorted({m.key for m in run_methods}, key=repr)
+    keys = sorted({m.key for m in run_methods}, key=repr)  # each distinct objective compiled in once
     objectives = [next(m.objective for m in run_methods if m.key == k) for k in keys]
     loss_ids = jnp.asarray([keys.index(m.key) for m in run_methods], jnp.int32)
     selecting = run_methods[0].select is not None  # runs trained together share their method (check_group)
-    positions = [_example_positions(run.task.train.ids) for run in runs]  # example id -> row of its task
-    labels = [run.task.train.labels.astype(np.int32) for run in runs]
-    columns = [{} for _ in runs]  # the current epoch's per-example columns of each run's method
-    selections = [[] for _ in runs]  # per epoch: the selection's stats
-    examples = sharding.run_batch_sharding(mesh)
     train_step = jit_runs_step(lead, objectives, tx)
     checkpointers = [
         checkpointing.Checkpointer(files.join(r.workdir, "checkpoints"), r.config.checkpoint_every_steps)
         for r in runs
     ]
     state = jax.device_put(stack_runs(_restore(runs, checkpointers, states)), lead.repl)
-    step, total = int(state.step), lead.total_steps
-    pcount = jax.process_count()
-    # Runs of one seed and training set (a sweep's noise rates and losses: the noise flips labels, not the
-    # draw) read the same images in the same order with the same augmentation: one input pipeline and one
-    # image-tower pass per such stream; each run looks its own labels up by example id.
-    stream_keys = [input_stream(r) for r in runs]
-    streams = list(dict.fromkeys(stream_keys))
-    stream_of = [streams.index(k) for k in stream_keys]
-    stream_ids = jax.device_put(jnp.asarray(stream_of, jnp.int32), lead.repl)
-    inputs = [training_input(runs[r], evaluators[r], step) for r in (stream_keys.index(k) for k in streams)]
-    image_key = "image_features" if lead.feature_mode.cached else "image"
-    writers = [metrics.MetricWriter(r.workdir, enabled=jax.process_index() == 0, resume_step=step) for r in runs]
+    step = int(state.step)
+    inputs = _RunInputs(runs, evaluators, step)
+    logbook = _Logbook(runs, step)
     log.info(
         "Training %d steps (%d per epoch, %d epochs by %s, batch %d), %s, image features %s%s, from step %d",
-        total,
-        lead.steps_per_epoch,
-        lead.num_epochs,
-        lead.epochs_rule,
-        lead.examples_per_step,
-        training_objective(config, verbose=True) if num_runs == 1 else f"{num_runs} runs together",
-        lead.feature_mode,
-        f" ({len(streams)} input streams)" if num_runs > 1 else "",
-        step,
+        total, spe, lead.num_epochs, lead.epochs_rule, lead.examples_per_step,
+        training_objective(config, verbose=True) if len(runs) == 1 else f"{len(runs)} runs together",
+        lead.feature_mode, f" ({inputs.num_streams} input streams)" if len(runs) > 1 else "", step,
     )
-
-    def check_finite():
-        bad = np.asarray(state.first_bad_step)  # a host sync: only at logging and checkpoint steps
-        for r in np.flatnonzero(bad >= 0)[:1]:
-            run = runs[r]
-            raise FloatingPointError(
-                f"Non-finite loss at step {bad[r]} (loss={run.config.loss}, compute_dtype="
-                f"{run.config.model.compute_dtype}). Try compute_dtype=float32 or a lower config.optim.lr; "
-                f"the last finite checkpoint is in {run.workdir}/checkpoints."
-            )
-
-    def save(force: bool = False):
-        for r, ckpt in enumerate(checkpointers):
-            ckpt.save(step, _run_state(state, r), force=force)
-
-    every = lead.steps_per_epoch * config.eval_every_epochs  # steps between evaluations; 0: none
-
-    def evaluate_epoch():
-        for r, (evaluator, writer) in enumerate(zip(evaluators, writers)):
-            acc = evaluator.metrics(evaluator.class_features(_take(state.prompt, r)))["accuracy"]
-            epoch = step // lead.steps_per_epoch
-            epoch_evals[r].append({"step": step, "epoch": epoch, "test_accuracy": acc})
-            writer.write(step, {"test_accuracy": acc})
-            log.info("%sepoch %d: test accuracy %.4f", f"[{runs[r].workdir}] " * (num_runs > 1), epoch, acc)
-
-    # A resumed run: the evaluations made before its checkpoint, as metrics.jsonl kept them (process 0, the
-    # one that writes results.json); the one at the checkpoint's own step came after the save, so it is
-    # made again (the writer does not log it twice).
-    epoch_evals = [
-        [{"step": rec["step"], "epoch": rec["step"] // lead.steps_per_epoch, "test_accuracy": rec["test_accuracy"]}
-         for rec in writer.records if "test_accuracy" in rec and rec["step"] < step]
-        for writer in writers
-    ]
+    # A resumed run: the earlier epochs' selections, as they were made.
+    selections = [saved_selections(run, step // spe) if selecting else [] for run in runs]
+    columns = [{} for _ in runs]  # the current epoch's per-example columns of each run's method
+    every = spe * config.eval_every_epochs  # steps between evaluations; 0: none
     if every and 0 < step < total and step % every == 0:
-        evaluate_epoch()
-    window, window_start, window_step = [], time.time(), step
-    # Host time blocked on the input pipeline: per log window, and over the whole training loop.
-    input_wait, total_wait, loop_start = 0.0, 0.0, time.time()
+        _evaluate_epoch(evaluators, state, step, logbook)
+    logbook.start_clock()
+    loop_start = time.time()
     try:
         jax_preemption = _jax_preemption_service(step)
-        with _StopSignals(sigterm=not jax_preemption) as stop_signal:
-            interrupted = False
-
-            def stop_requested(sync_point: bool) -> bool:
-                # Ctrl-C on any host stops every host at the same step: a host going on alone would hang in
-                # the next collective (the checkpoint save, an evaluation). The hosts agree at log steps,
-                # where they sync anyway; a single process stops after the current step.
-                if pcount == 1:
-                    return stop_signal.raised
-                if not sync_point:
-                    return False
-                # 0: go on, 1: Ctrl-C, 2: SIGTERM somewhere; every host takes the most urgent.
-                code = np.int32(stop_signal.raised) + np.int32(stop_signal.preempted)
-                agreed = int(np.max(multihost_utils.process_allgather(code)))
-                stop_signal.preempted |= agreed == 2
-                return agreed > 0
-
-            selected_epoch = -1
-            if selecting:  # a resumed run: the earlier epochs' selections, as they were made
-                for r, run in enumerate(runs):
-                    selections[r] = saved_selections(run, step // lead.steps_per_epoch)
+        with _StopSignals(sigterm=not jax_preemption) as stop:
+            interrupted, selected_epoch = False, -1
             while step < total and not interrupted:
-                epoch = step // lead.steps_per_epoch
-                if selecting and epoch != selected_epoch:
-                    for r, (run, evaluator, method) in enumerate(zip(runs, evaluators, run_methods)):
-                        columns[r], stats = epoch_selection(run, evaluator, method, _take(state.prompt, r), epoch,
-                                                            mid_epoch=step % lead.steps_per_epoch != 0)
-                        selections[r].append(_selection_record(run, epoch, stats))
-                        if step % lead.steps_per_epoch == 0:  # resumed mid-epoch: logged at the epoch's start
-                            writers[r].write(step, {f"selection_{k}": v for k, v in stats.items() if v is not None})
-                    selected_epoch = epoch
-                t_wait = time.time()
-                items = [next(it) for it in inputs]
-                local = _stack([_run_rows(items[s], labels[r], columns[r], positions[r])
-                                for r, s in enumerate(stream_of)], np)  # [R, rows of this host, ...], on the host
-                local[image_key] = np.stack([item[image_key] for item in items])  # [S, rows, ...]
-                batch = sharding.to_global(local, mesh, examples)  # the next batch, on the devices
-                t_wait = time.time() - t_wait
-                input_wait += t_wait
-                total_wait += t_wait
+                if selecting and step // spe != selected_epoch:
+                    columns = _select_epoch(runs, evaluators, run_methods, state, step, logbook, selections)
+                    selected_epoch = step // spe
+                batch = inputs.next(columns)
                 state, step_metrics = train_step(state, lead.clip_params, lead.frozen_embeds, loss_ids, batch,
-                                                 stream_ids)
+                                                 inputs.stream_ids)
                 step += 1
-                window.append(step_metrics)
-                last = step == total
-                log_step = step % config.log_every_steps == 0 or last
+                logbook.add(step_metrics)
+                log_step = step % config.log_every_steps == 0 or step == total
                 if log_step:
-                    check_finite()
-                    host = jax.device_get(window)
-                    elapsed = max(time.time() - window_start, 1e-9)
-                    rate = (step - window_step) / elapsed
-                    common = dict(
-                        lr=float(schedule(step - 1)),
-                        steps_per_sec=rate,
-                        epoch=(step - 1) // lead.steps_per_epoch,
-                        input_wait_fraction=input_wait / elapsed,
-                    )
-                    input_wait = 0.0
-                    for r, (run, writer) in enumerate(zip(runs, writers)):
-                        scalars = {k: float(np.mean([m[k][r] for m in host])) for k in host[0]}
-                        writer.write(step, {**scalars, **common})
-                        log.info(
-                            "%sstep %d/%d  epoch %d/%d  loss %.4f  train_acc %.3f  lr %.2e  %.2f steps/s  ETA %s",
-                            f"[{run.workdir}] " if num_runs > 1 else "",
-                            step,
-                            total,
-                            common["epoch"] + 1,
-                            lead.num_epochs,
-                            scalars["loss"],
-                            scalars["train_accuracy"],
-                            common["lr"],
-                            rate,
-                            _format_eta((total - step) / rate),
-                        )
-                    window, window_start, window_step = [], time.time(), step
+                    _check_finite(runs, state)
+                    logbook.write_window(step, float(schedule(step - 1)), inputs.wait_s)
                 if checkpointers[0].should_save(step):
-                    check_finite()  # never checkpoint a state that has seen a non-finite loss
-                    save()
-                if every and not last and step % every == 0:
-                    evaluate_epoch()
-                interrupted = stop_requested(log_step)
+                    _check_finite(runs, state)  # never checkpoint a state that has seen a non-finite loss
+                    _save(checkpointers, state, step)
+                if every and step < total and step % every == 0:
+                    _evaluate_epoch(evaluators, state, step, logbook)
+                interrupted = stop.requested(log_step)
                 if jax_preemption and not interrupted and multihost_utils.reached_preemption_sync_point(step):
                     # True on every host at this same step: a SIGTERM reached one of them.
                     log.warning("Preemption notice (JAX's preemption service): every host stops at step %d and "
                                 "saves a checkpoint.", step)
-                    stop_signal.raised = stop_signal.preempted = interrupted = True
-            check_finite()
+                    stop.raised = stop.preempted = interrupted = True
+            _check_finite(runs, state)
             if checkpointers[0].latest_step != step:
-                save(force=True)
-            if interrupted or stop_requested(True):
-                log.warning(
-                    "%s at step %d; checkpoint saved, rerun with the same workdir to resume.",
-                    "Preempted" if stop_signal.preempted else "Interrupted", step,
-                )
-                raise TrainingPreempted if stop_signal.preempted else TrainingInterrupted
+                _save(checkpointers, state, step, force=True)
+            if interrupted or stop.requested(True):
+                log.warning("%s at step %d; checkpoint saved, rerun with the same workdir to resume.",
+                            "Preempted" if stop.preempted else "Interrupted", step)
+                raise TrainingPreempted if stop.preempted else TrainingInterrupted
     finally:
-        # Shut the endless input pipelines down here, not whenever this frame is collected (a teardown at
-        # an unknown later moment; each one used to wait for tf.data's autotuning thread, now off:
-        # sources.without_autotune).
-        for it in inputs:
-            it.close()
+        inputs.close()
         for c in checkpointers:
             c.close()
-        for w in writers:
-            w.close()
+        logbook.close()
     loop_s = time.time() - loop_start
     loop = {
         "steps": step,
         "train_loop_s": loop_s,
         # Share of the training loop (its evaluations and checkpoints included) that the host spent getting
         # the next batches onto the devices: near 1, training is input-bound; near 0, the step is the bottleneck.
-        "input_wait_fraction": total_wait / max(loop_s, 1e-9),
-        "runs_together": num_runs,
-        "input_streams": len(streams),
+        "input_wait_fraction": inputs.wait_s / max(loop_s, 1e-9),
+        "runs_together": len(runs),
+        "input_streams": inputs.num_streams,
     }
-    return [(_run_state(state, r), {**loop, "epoch_evals": epoch_evals[r], "selections": selections[r]})
-            for r in range(num_runs)]
+    return [(_run_state(state, r), {**loop, "epoch_evals": logbook.epoch_evals[r], "selections": selections[r]})
+            for r in range(len(runs))]
 
 
 def evaluate_phase(run: Run, evaluator: Evaluator, state: TrainState) -> tuple[dict, dict | None]:

@@ -54,6 +54,7 @@ def test_the_linear_model_from_one_and_two_runs_predicts_a_compiled_program_of_s
     assert one < two < six
     predicted = one + 5 * (two - one)
     assert abs(predicted - six) <= 0.25 * six, (one, two, six)
+    assert six <= 6 * one  # fit_runs's shortcut: R copies of the one-run program hold R runs
 
 
 def test_the_probe_compile_gives_the_analysis_of_the_optimized_program():
@@ -98,6 +99,25 @@ def test_with_several_processes_every_host_takes_the_fewest_runs_any_host_can(mo
     assert gathered == [1998]
 
 
+def test_when_the_wanted_runs_fit_as_copies_of_the_one_run_program_only_that_program_is_compiled(monkeypatch):
+    mib = 2**20
+    monkeypatch.setattr(capacity, "free_memory", lambda: (4000 * mib, 2000 * mib, "test"))
+    compiled = []
+
+    def program_bytes(run, tx, n):
+        compiled.append(n)
+        return (2 + n) * mib  # fixed 2, 1 per run: the one-run program is 3 MiB
+
+    monkeypatch.setattr(capacity, "program_bytes", program_bytes)
+    config = smoke_config()
+    fit = capacity.fit_runs(config, None, wanted=666)  # 666 x 3 = 1998 MiB <= 2000
+    assert (fit.runs, fit.bound, fit.per_run_bytes, compiled) == (666, True, 3 * mib, [1])
+    assert fit.describe().startswith("all 666 runs in one program: at most 666 x 3.0 MiB")
+    compiled.clear()
+    fit = capacity.fit_runs(config, None, wanted=667)  # 2001 MiB of copies: the linear model decides
+    assert (fit.runs, fit.bound, compiled) == (1998, False, [1, 2])
+
+
 class FakeTrainRuns:
     """Stands in for train.train_runs: records each program's points and writes their results."""
 
@@ -118,7 +138,7 @@ def test_a_vectorized_sweep_without_a_limit_groups_as_many_points_as_fit(tmp_pat
     fake = FakeTrainRuns()
     monkeypatch.setattr(train, "train_runs", fake)
     fit = capacity.Fit(runs=3, fixed_bytes=1, per_run_bytes=1, free_bytes=8, usable_bytes=4, where="test")
-    monkeypatch.setattr(capacity, "fit_runs", lambda config, clip: fit)
+    monkeypatch.setattr(capacity, "fit_runs", lambda config, clip, wanted=None: fit)
     monkeypatch.setattr(sweep._ClipCache, "get", lambda self, config: None)
     report = sweep.run_sweep(smoke_config(), str(tmp_path), **GRID, vectorize=True, aggregate=False)
     assert report.ok and [len(g) for g in fake.groups] == [3, 1]
@@ -129,7 +149,7 @@ def test_without_xla_memory_figures_every_point_goes_into_one_program(tmp_path, 
     fake = FakeTrainRuns()
     monkeypatch.setattr(train, "train_runs", fake)
 
-    def no_analysis(config, clip):
+    def no_analysis(config, clip, wanted=None):
         raise NotImplementedError("XLA reports no memory analysis on tpu")
 
     monkeypatch.setattr(capacity, "fit_runs", no_analysis)
