@@ -1002,8 +1002,8 @@ class _RunInputs:
         lead = runs[0]
         keys = [input_stream(r) for r in runs]
         streams = list(dict.fromkeys(keys))
-        self.stream_of = [streams.index(k) for k in keys]
-        self.stream_ids = jax.device_put(jnp.asarray(self.stream_of, jnp.int32), lead.repl)
+        self._stream_of = [streams.index(k) for k in keys]
+        self.stream_ids = jax.device_put(jnp.asarray(self._stream_of, jnp.int32), lead.repl)
         self._pipelines = [training_input(runs[r], evaluators[r], start_step) for r in map(keys.index, streams)]
         self._positions = [_example_positions(run.task.train.ids) for run in runs]  # example id -> row of its task
         self._labels = [run.task.train.labels.astype(np.int32) for run in runs]
@@ -1021,7 +1021,7 @@ class _RunInputs:
         t0 = time.time()
         items = [next(it) for it in self._pipelines]
         local = _stack([_run_rows(items[s], self._labels[r], columns[r], self._positions[r])
-                        for r, s in enumerate(self.stream_of)], np)  # this host's rows, on the host
+                        for r, s in enumerate(self._stream_of)], np)  # this host's rows, on the host
         local[self._image_key] = np.stack([item[self._image_key] for item in items])
         batch = sharding.to_global(local, self._mesh, self._sharding)
         self.wait_s += time.time() - t0
@@ -1163,6 +1163,9 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
     ]
     state = jax.device_put(stack_runs(_restore(runs, checkpointers, states)), lead.repl)
     step = int(state.step)
+    # A resumed run: the earlier epochs' selections, as they were made.
+    selections = [saved_selections(run, step // spe) if selecting else [] for run in runs]
+    columns = [{} for _ in runs]  # the current epoch's per-example columns of each run's method
     inputs = _RunInputs(runs, evaluators, step)
     logbook = _Logbook(runs, step)
     log.info(
@@ -1171,9 +1174,6 @@ def train_phase(runs: list[Run], evaluators: list[Evaluator], states: list[Train
         training_objective(config, verbose=True) if len(runs) == 1 else f"{len(runs)} runs together",
         lead.feature_mode, f" ({inputs.num_streams} input streams)" if len(runs) > 1 else "", step,
     )
-    # A resumed run: the earlier epochs' selections, as they were made.
-    selections = [saved_selections(run, step // spe) if selecting else [] for run in runs]
-    columns = [{} for _ in runs]  # the current epoch's per-example columns of each run's method
     every = spe * config.eval_every_epochs  # steps between evaluations; 0: none
     if every and 0 < step < total and step % every == 0:
         _evaluate_epoch(evaluators, state, step, logbook)
